@@ -1,0 +1,35 @@
+"""All service settings in one typed place, read from ``NUCLEI_*`` environment variables.
+
+The CLI flags of ``nuclei-serve`` override the same fields, so there is exactly one list of knobs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The model shipped with the repository, served when no other is configured.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
+
+
+class Settings(BaseSettings):
+    """Runtime configuration of the HTTP service (env prefix ``NUCLEI_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="NUCLEI_", protected_namespaces=())
+
+    host: str = Field("127.0.0.1", description="Interface to bind.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port.")
+    workers: int = Field(1, ge=1, description="Uvicorn worker processes (each loads the model once).")
+    model_dir: Path = Field(DEFAULT_MODEL_DIR, description="Exported SavedModel folder with metadata.json.")
+    max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Largest accepted upload, in bytes.")
+    max_pixels: int = Field(50_000_000, ge=1, description="Largest accepted image, in pixels (declared size).")
+    max_batch_files: int = Field(64, ge=1, description="Most files accepted by /segment/batch.")
+    tile_batch_size: int = Field(8, ge=1, description="Tiles per model call; bounds peak memory.")
+    log_level: str = Field("info", description="Uvicorn log level.")
+
+
+def get_settings() -> Settings:
+    """Settings from the environment (a function so tests and the CLI can build fresh ones)."""
+    return Settings()

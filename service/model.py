@@ -1,0 +1,124 @@
+"""Load the exported SavedModel and run it: step three of the request path.
+
+The SavedModel takes ``uint8`` RGB ``[N, H, W, 3]`` and returns class probabilities
+``[N, H, W, C]``; its input scaling is inside it. ``metadata.json`` beside it says how to feed it
+(resize or tile, tile size, normalisation, nucleus size) and how to decode its output.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.postprocess import PostprocessParams
+
+METADATA_FILE = "metadata.json"
+SIGNATURE = "serving_default"
+SUPPORTED_FORMAT = 1
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder is missing, corrupt or incompatible (the message names the path)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to run a model, read from its ``metadata.json``."""
+
+    image_size: int
+    num_classes: int
+    inference: str  # "resize" or "tile"
+    normalise: str
+    canonical_diameter: float | None
+    tile_overlap: int
+    postprocess: PostprocessParams
+    metadata: dict[str, Any] = field(repr=False)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any]) -> "ModelSpec":
+        if metadata.get("format_version") != SUPPORTED_FORMAT:
+            raise ValueError(f"unsupported format_version {metadata.get('format_version')!r}")
+        infer = metadata["inference"]
+        return cls(
+            image_size=int(metadata["input_size"]),
+            num_classes=len(metadata["classes"]),
+            inference=infer["mode"],
+            normalise=infer["normalise"],
+            canonical_diameter=infer.get("canonical_diameter"),
+            tile_overlap=int(infer.get("tile_overlap", 32)),
+            postprocess=PostprocessParams.from_dict(metadata.get("postprocess")),
+            metadata=metadata,
+        )
+
+
+class SegmentationModel:
+    """One loaded model, shared by all requests of a process.
+
+    ``predict`` is the single entry point to the network, so a batching layer can wrap it
+    without touching callers. TensorFlow calls are serialised by a lock: concurrent calls on 2
+    cores only thrash, and batching, not threads, is what makes throughput.
+    """
+
+    def __init__(self, model_dir: Path, spec: ModelSpec, fn: Any) -> None:
+        self.model_dir = model_dir
+        self.spec = spec
+        self._fn = fn
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, model_dir: Path | str) -> "SegmentationModel":
+        """Load and validate; raise :class:`ModelLoadError` with a one-line reason naming the path."""
+        model_dir = Path(model_dir)
+        meta_path = model_dir / METADATA_FILE
+        if not model_dir.is_dir():
+            raise ModelLoadError(f"model folder not found: {model_dir}")
+        try:
+            metadata = json.loads(meta_path.read_text())
+            spec = ModelSpec.from_metadata(metadata)
+        except FileNotFoundError:
+            raise ModelLoadError(f"model metadata missing: {meta_path}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"model metadata invalid in {meta_path}: {exc}") from None
+        import tensorflow as tf
+
+        try:
+            loaded = tf.saved_model.load(str(model_dir))
+            fn = loaded.signatures[SIGNATURE]
+        except Exception as exc:  # TF raises many types for corrupt or foreign folders
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"cannot load SavedModel from {model_dir}: {reason}") from None
+        model = cls(model_dir, spec, fn)
+        model._keepalive = loaded  # signatures need their owner alive
+        model._check_signature()
+        return model
+
+    def _check_signature(self) -> None:
+        size = self.spec.image_size
+        try:
+            out = self.predict(np.zeros((1, size, size, 3), np.uint8))
+        except Exception as exc:
+            raise ModelLoadError(f"model in {self.model_dir} failed a test prediction: {exc}") from None
+        if out.shape != (1, size, size, self.spec.num_classes):
+            raise ModelLoadError(
+                f"model in {self.model_dir} returned shape {out.shape}, metadata promises "
+                f"(1, {size}, {size}, {self.spec.num_classes})"
+            )
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """``(N, H, W, 3) uint8`` -> ``(N, H, W, C) float32`` class probabilities."""
+        import tensorflow as tf
+
+        with self._lock:
+            result = self._fn(images=tf.constant(batch, dtype=tf.uint8))
+        return next(iter(result.values())).numpy()
+
+    def warm(self, repeats: int = 2) -> None:
+        """Run the shapes requests will use, so the first request does not pay for tracing."""
+        size = self.spec.image_size
+        for _ in range(repeats):
+            self.predict(np.zeros((1, size, size, 3), np.uint8))

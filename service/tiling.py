@@ -1,0 +1,73 @@
+"""Sliding-window inference for images of any size, kept apart from the model (like StarDist's big.py).
+
+The image is padded (reflection) to cover whole tiles, cut into overlapping square tiles, run in
+batches of ``batch_size`` tiles, and the per-tile probabilities are blended with a smooth window
+so tile seams vanish. Peak memory is the tile batch plus one probability map of the image,
+never a whole-image forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+PredictFn = Callable[[np.ndarray], np.ndarray]  # (N, T, T, 3) uint8 -> (N, T, T, C) float32
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets covering ``[0, length)`` with tiles of ``tile`` overlapping by >= ``overlap``."""
+    if length <= tile:
+        return [0]
+    step = tile - overlap
+    count = int(np.ceil((length - tile) / step)) + 1
+    return [int(round(i * (length - tile) / (count - 1))) for i in range(count)]
+
+
+def blend_ramp(length: int, overlap: int) -> np.ndarray:
+    """1D weight: 1 in the middle, rising smoothly (cosine) from near 0 over ``overlap`` pixels at each end."""
+    overlap = min(overlap, length // 2)
+    ramp = np.ones(length, dtype=np.float32)
+    if overlap > 0:
+        edge = 0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, overlap + 2, dtype=np.float32)[1:-1])
+        ramp[:overlap] = edge
+        ramp[length - overlap:] = edge[::-1]
+    return ramp
+
+
+def predict_tiled(image: np.ndarray, predict: PredictFn, tile: int, overlap: int, batch_size: int,
+                  num_classes: int, multiple: int = 32) -> np.ndarray:
+    """Class probabilities ``(H, W, C)`` of an ``(H, W, 3) uint8`` image, tile by tile.
+
+    Images smaller than a tile are padded (to a multiple of ``multiple``), never stretched.
+    """
+    height, width = image.shape[:2]
+    tile_h = min(tile, _round_up(height, multiple))
+    tile_w = min(tile, _round_up(width, multiple))
+    padded = _pad_reflect(image, max(height, tile_h), max(width, tile_w))
+    ph, pw = padded.shape[:2]
+    window = np.outer(blend_ramp(tile_h, overlap), blend_ramp(tile_w, overlap))
+    total = np.zeros((ph, pw, num_classes), dtype=np.float32)
+    weight = np.zeros((ph, pw), dtype=np.float32)
+    positions = [(t, l) for t in tile_starts(ph, tile_h, overlap) for l in tile_starts(pw, tile_w, overlap)]
+    for start in range(0, len(positions), batch_size):
+        chunk = positions[start:start + batch_size]
+        batch = np.stack([padded[t:t + tile_h, l:l + tile_w] for t, l in chunk])
+        probs = predict(batch)
+        for (t, l), p in zip(chunk, probs):
+            total[t:t + tile_h, l:l + tile_w] += p * window[..., None]
+            weight[t:t + tile_h, l:l + tile_w] += window
+    total /= np.maximum(weight, 1e-6)[..., None]
+    return total[:height, :width]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return int(np.ceil(value / multiple) * multiple)
+
+
+def _pad_reflect(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pad at the bottom/right by reflection (symmetric, so 1-pixel images work too)."""
+    pad_h, pad_w = height - image.shape[0], width - image.shape[1]
+    if pad_h <= 0 and pad_w <= 0:
+        return image
+    return np.pad(image, ((0, max(pad_h, 0)), (0, max(pad_w, 0)), (0, 0)), mode="symmetric")

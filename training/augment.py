@@ -1,0 +1,141 @@
+"""Augmentation and the ``tf.data`` input pipelines (training split only).
+
+Geometry (rotation, zoom, flips) is one random affine transform applied to image and target
+alike: bilinear for the image, nearest-neighbour for the target, so they stay aligned. Colour
+augmentation (inversion, grayscale, channel shuffle, hue, saturation, contrast, gamma, noise)
+makes one model serve fluorescence, bright-field and H&E-stained images.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from training.config import TrainConfig
+
+
+def random_affine(image: tf.Tensor, target: tf.Tensor, config: TrainConfig, out_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Rotate, zoom and flip ``image`` (H, W, 3 float) and ``target`` (H, W, 1) identically.
+
+    The output is the ``out_size`` square at the centre of the transformed input; pixels that
+    fall outside the input are filled by reflection, in image and target alike.
+    """
+    in_h = tf.cast(tf.shape(image)[0], tf.float32)
+    in_w = tf.cast(tf.shape(image)[1], tf.float32)
+    angle = tf.random.uniform([], -config.rotation, config.rotation) * 2.0 * math.pi
+    log_zoom = math.log1p(config.zoom)
+    zoom = tf.exp(tf.random.uniform([], -log_zoom, log_zoom))
+    flips = tf.where(tf.random.uniform([2]) < 0.5, -1.0, 1.0) if config.flip else tf.ones([2])
+    cos, sin = tf.cos(angle) / zoom, tf.sin(angle) / zoom
+    m00, m01 = cos * flips[0], -sin * flips[1]
+    m10, m11 = sin * flips[0], cos * flips[1]
+    c_out = (out_size - 1) / 2.0
+    cx, cy = (in_w - 1.0) / 2.0, (in_h - 1.0) / 2.0
+    transform = tf.stack(
+        [m00, m01, cx - m00 * c_out - m01 * c_out, m10, m11, cy - m10 * c_out - m11 * c_out, 0.0, 0.0]
+    )[None]
+    size = tf.constant([out_size, out_size], tf.int32)
+
+    def apply(x: tf.Tensor, interpolation: str) -> tf.Tensor:
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=x[None], transforms=transform, output_shape=size, interpolation=interpolation,
+            fill_mode="REFLECT", fill_value=0.0,
+        )[0]
+
+    image = apply(image, "BILINEAR")
+    target = tf.cast(apply(tf.cast(target, tf.float32), "NEAREST"), tf.uint8)
+    return image, target
+
+
+def colour_jitter(image: tf.Tensor) -> tf.Tensor:
+    """Random photometric changes on a float RGB image in [0, 255]."""
+    x = image / 255.0
+    x = tf.where(tf.random.uniform([]) < 0.5, 1.0 - x, x)  # dark-field <-> bright-field
+    x = tf.where(tf.random.uniform([]) < 0.25, tf.repeat(tf.reduce_mean(x, -1, keepdims=True), 3, -1), x)
+    x = tf.where(tf.random.uniform([]) < 0.3, tf.gather(x, tf.random.shuffle(tf.range(3)), axis=-1), x)
+    x = tf.image.random_hue(x, 0.08)
+    x = tf.image.random_saturation(x, 0.5, 1.5)
+    mean = tf.reduce_mean(x)
+    x = (x - mean) * tf.random.uniform([], 0.6, 1.4) + mean + tf.random.uniform([], -0.1, 0.1)
+    x = tf.clip_by_value(x, 0.0, 1.0) ** tf.exp(tf.random.uniform([], -0.4, 0.4))
+    x = x + tf.random.normal(tf.shape(x), stddev=tf.random.uniform([], 0.0, 0.03))
+    return tf.clip_by_value(x, 0.0, 1.0) * 255.0
+
+
+def augment(image: tf.Tensor, target: tf.Tensor, config: TrainConfig, out_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Full augmentation of one (image uint8, target uint8) pair -> (float image, target)."""
+    image = tf.cast(image, tf.float32)
+    if target.shape.rank == 2:
+        target = target[..., None]
+    image, target = random_affine(image, target, config, out_size)
+    if config.colour:
+        image = colour_jitter(image)
+    return image, target
+
+
+def with_weights(image: tf.Tensor, target: tf.Tensor, boundary_weight: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Attach per-pixel loss weights that up-weight the thin, rare boundary class."""
+    target = tf.squeeze(target, -1)
+    weights = tf.where(target == 2, boundary_weight, 1.0)
+    return image, target, weights
+
+
+def resize_dataset(images: np.ndarray, targets: np.ndarray, config: TrainConfig, training: bool) -> tf.data.Dataset:
+    """Pipeline for fixed-size arrays (the reference recipe): shuffle, augment, batch."""
+    ds = tf.data.Dataset.from_tensor_slices((images, targets))
+    if training:
+        ds = ds.shuffle(len(images), seed=config.seed, reshuffle_each_iteration=True).repeat()
+        ds = ds.map(lambda x, y: augment(x, y, config, config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y[..., None]))
+    ds = ds.map(lambda x, y: with_weights(x, y, config.boundary_weight))
+    return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def crop_dataset(images: list[np.ndarray], targets: list[np.ndarray], probabilities: np.ndarray,
+                 config: TrainConfig) -> tf.data.Dataset:
+    """Pipeline for native-size images: random crops (sampled with ``probabilities``), then augment.
+
+    Crops are taken 1.5x larger than the network input so rotation and zoom rarely need to
+    invent border pixels.
+    """
+    crop = int(config.image_size * 1.5)
+    rng = np.random.default_rng(config.seed)
+    padded = [pad_to_at_least(img, tgt, crop) for img, tgt in zip(images, targets)]
+
+    def generate():
+        while True:
+            image, target = padded[rng.choice(len(padded), p=probabilities)]
+            top = rng.integers(0, image.shape[0] - crop + 1)
+            left = rng.integers(0, image.shape[1] - crop + 1)
+            yield image[top:top + crop, left:left + crop], target[top:top + crop, left:left + crop]
+
+    ds = tf.data.Dataset.from_generator(
+        generate,
+        output_signature=(tf.TensorSpec((crop, crop, 3), tf.uint8), tf.TensorSpec((crop, crop), tf.uint8)),
+    )
+    ds = ds.map(lambda x, y: augment(x, y, config, config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda x, y: with_weights(x, y, config.boundary_weight))
+    return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def pad_to_at_least(image: np.ndarray, target: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reflect-pad image and target together so both sides are at least ``size``."""
+    pad_h, pad_w = max(0, size - image.shape[0]), max(0, size - image.shape[1])
+    if not (pad_h or pad_w):
+        return image, target
+    pads = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
+    return np.pad(image, (*pads, (0, 0)), mode="symmetric"), np.pad(target, pads, mode="symmetric")
+
+
+def centre_crops(images: list[np.ndarray], targets: list[np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic ``size`` centre crops (padded where smaller), for validation loss during fit."""
+    xs, ys = [], []
+    for image, target in zip(images, targets):
+        image, target = pad_to_at_least(image, target, size)
+        top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+        xs.append(image[top:top + size, left:left + size])
+        ys.append(target[top:top + size, left:left + size])
+    return np.stack(xs), np.stack(ys)

@@ -1,0 +1,100 @@
+"""Training configuration: one typed object, with named presets.
+
+``reference`` reproduces the original notebook (binary mask, 128x128 resize, frozen encoder,
+20 epochs); ``best`` is the shipped model's recipe (3 classes for touching nuclei, crops at a
+canonical nucleus size, fine-tuned encoder, stain/intensity augmentation, native-resolution
+tiled inference). Every field can be overridden from the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a trained model (stored verbatim in ``metadata.json``)."""
+
+    # data / split
+    val_fraction: float = 0.2
+    seed: int = 42
+    # what the network sees
+    image_size: int = 128  # resize target (resize mode) or crop size (tile mode)
+    inference: Literal["resize", "tile"] = "resize"
+    normalise: Literal["none", "percentile"] = "none"
+    input_scale: Literal["unit", "symmetric"] = "unit"  # x/255 or x/127.5 - 1 inside the model
+    target: Literal["mask", "boundary"] = "mask"  # 2 classes, or background/interior/boundary
+    boundary_width: int = 2
+    canonical_diameter: float | None = None  # rescale every image so nuclei have this diameter (px)
+    # model
+    encoder_weights: str = "imagenet"  # "imagenet", "none", or a path to a .weights.h5 file
+    fine_tune: bool = False
+    decoder_filters: tuple[int, ...] = (512, 256, 128, 64)
+    dropout: float = 0.0
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 64
+    steps_per_epoch: int | None = None  # None: one pass over the training split
+    learning_rate: float = 1e-3
+    boundary_weight: float = 1.0  # loss weight of boundary pixels (3-class target)
+    # augmentation
+    rotation: float = 0.1  # fraction of a full turn, as keras.layers.RandomRotation
+    zoom: float = 0.1  # relative zoom range (log-uniform between 1/(1+z) and 1+z for z>0)
+    flip: bool = True
+    colour: bool = False  # stain / intensity / inversion / grayscale jitter
+    balance_modalities: bool = False  # oversample the rare bright-field and H&E images
+    # post-processing defaults (thresholds are re-tuned on validation and stored in metadata)
+    min_size: int = 10
+
+    @property
+    def num_classes(self) -> int:
+        return 2 if self.target == "mask" else 3
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["decoder_filters"] = list(self.decoder_filters)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        clean = {k: v for k, v in data.items() if k in names}
+        if "decoder_filters" in clean:
+            clean["decoder_filters"] = tuple(clean["decoder_filters"])
+        return cls(**clean)
+
+    def override(self, **changes: Any) -> "TrainConfig":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "reference": TrainConfig(),
+    "best": TrainConfig(
+        image_size=256,
+        inference="tile",
+        normalise="percentile",
+        input_scale="symmetric",
+        target="boundary",
+        canonical_diameter=20.0,
+        fine_tune=True,
+        dropout=0.0,
+        epochs=40,
+        batch_size=8,
+        steps_per_epoch=200,
+        learning_rate=5e-4,
+        boundary_weight=2.0,
+        rotation=0.5,
+        zoom=0.5,
+        colour=True,
+        balance_modalities=True,
+    ),
+}
+
+
+def preset(name: str) -> TrainConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
+

@@ -1,0 +1,85 @@
+"""Build the U-Net: MobileNetV2 encoder (transfer learning) + pix2pix upsample decoder.
+
+The network takes ``uint8``-valued RGB (as float) and scales it itself, so the exported model
+owns its input normalisation. It returns per-pixel class logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+from keras import layers
+
+from training.config import TrainConfig
+
+#: MobileNetV2 activations used as skip connections, from 1/2 to 1/16 resolution.
+SKIP_LAYERS = ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu", "block_13_expand_relu")
+#: The 1/32-resolution bottleneck.
+BOTTLENECK_LAYER = "block_16_project"
+#: Offline ImageNet weights (see ../shared/README.md), used when Keras cannot download its own.
+SHARED_IMAGENET_WEIGHTS = (
+    Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2_1.0_imagenet_notop.weights.h5"
+)
+#: Inputs must be a multiple of the encoder's total stride.
+STRIDE = 32
+
+
+def upsample(filters: int, size: int, apply_dropout: float = 0.0, name: str | None = None) -> keras.Sequential:
+    """pix2pix upsample block: Conv2DTranspose (stride 2) -> BatchNorm -> [Dropout] -> ReLU."""
+    block = [
+        layers.Conv2DTranspose(
+            filters,
+            size,
+            strides=2,
+            padding="same",
+            kernel_initializer=keras.initializers.RandomNormal(0.0, 0.02),
+            use_bias=False,
+        ),
+        layers.BatchNormalization(),
+    ]
+    if apply_dropout:
+        block.append(layers.Dropout(apply_dropout))
+    block.append(layers.ReLU())
+    return keras.Sequential(block, name=name)
+
+
+def build_encoder(config: TrainConfig, input_shape: tuple[int | None, int | None, int]) -> keras.Model:
+    """MobileNetV2 down stack returning the skip activations and the bottleneck."""
+    weights = config.encoder_weights
+    keras_weights = "imagenet" if weights == "imagenet" and not SHARED_IMAGENET_WEIGHTS.is_file() else None
+    base = keras.applications.MobileNetV2(input_shape=input_shape, include_top=False, weights=keras_weights)
+    if weights == "imagenet" and keras_weights is None:
+        base.load_weights(SHARED_IMAGENET_WEIGHTS)  # before wrapping: Keras 3 matches by layer order
+    elif weights not in ("imagenet", "none"):
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"encoder weights file not found: {path}")
+        base.load_weights(path)
+    outputs = [base.get_layer(name).output for name in (*SKIP_LAYERS, BOTTLENECK_LAYER)]
+    encoder = keras.Model(inputs=base.input, outputs=outputs, name="mobilenetv2_encoder")
+    encoder.trainable = config.fine_tune
+    return encoder
+
+
+def build_unet(config: TrainConfig, fixed_size: bool | None = None) -> keras.Model:
+    """The U-Net for ``config``: fixed ``image_size`` input in resize mode, any size in tile mode.
+
+    The encoder always runs with ``training=False``: its BatchNorm layers keep their ImageNet
+    statistics (folded into the shared weights) even while it is fine-tuned.
+    """
+    fixed = config.inference == "resize" if fixed_size is None else fixed_size
+    side = config.image_size if fixed else None
+    input_shape = (side, side, 3)
+    inputs = keras.Input(shape=input_shape, name="image")
+    if config.input_scale == "unit":
+        x = layers.Rescaling(1.0 / 255.0, name="scale")(inputs)
+    else:
+        x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
+    encoder = build_encoder(config, input_shape)
+    *skips, x = encoder(x, training=False)
+    for i, (filters, skip) in enumerate(zip(config.decoder_filters, reversed(skips))):
+        x = upsample(filters, 3, config.dropout, name=f"up_{i}")(x)
+        x = layers.Concatenate(name=f"skip_{i}")([x, skip])
+    logits = layers.Conv2DTranspose(config.num_classes, 3, strides=2, padding="same", name="logits")(x)
+    return keras.Model(inputs=inputs, outputs=logits, name="unet_mobilenetv2")

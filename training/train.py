@@ -1,0 +1,212 @@
+"""Train the U-Net on a DSB2018 folder and export a served-ready model.
+
+    python -m training.train --data ../shared/data/dsb2018/stage1_train --out runs/reference
+    python -m training.train --preset best --data ../shared/data/dsb2018/stage1_train --out runs/best
+
+The run reads top to bottom: load -> split -> prepare targets -> augment -> build -> fit ->
+export -> evaluate. RUN_DIR receives TensorBoard logs, curves, the architecture, a predictions
+figure, ``metrics.json`` and the exported model in ``RUN_DIR/model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from service.normalise import normalise
+from training import augment, figures
+from training.config import PRESETS, TrainConfig, preset
+from training.data import NucleiDataset, fingerprint, load_dataset, resize_image
+from training.export import build_metadata, export_model
+from training.model import build_unet
+from training.split import modality, sampling_probabilities, split_ids
+from training.targets import make_target, scale_to_canonical
+
+CLASS_NAMES = {2: ["background", "nucleus"], 3: ["background", "interior", "boundary"]}
+
+
+@dataclass
+class Prepared:
+    """Network-ready arrays of one split: normalised images and class targets, plus groups."""
+
+    ids: list[str]
+    images: list[np.ndarray]
+    targets: list[np.ndarray]
+    groups: list[str]
+
+
+def prepare(dataset: NucleiDataset, config: TrainConfig, groups: dict[str, str]) -> Prepared:
+    """Normalise images and build targets, at the network's input size (resize) or canonical scale (tile)."""
+    images, targets = [], []
+    for sample in dataset.samples:
+        image = normalise(sample.image, config.normalise)
+        labels = sample.labels
+        if config.inference == "resize":
+            size = (config.image_size, config.image_size)
+        else:
+            factor = scale_to_canonical(labels, config.canonical_diameter) if config.canonical_diameter else 1.0
+            size = (max(1, round(labels.shape[0] * factor)), max(1, round(labels.shape[1] * factor)))
+        image = resize_image(image, size)
+        labels = resize_image(labels, size, nearest=True)
+        images.append(image)
+        targets.append(make_target(labels, config.target, config.boundary_width))
+    return Prepared(dataset.ids, images, targets, [groups[i] for i in dataset.ids])
+
+
+def make_datasets(train: Prepared, val: Prepared, config: TrainConfig):
+    """(train tf.data, validation tf.data, steps per epoch)."""
+    if config.inference == "resize":
+        train_ds = augment.resize_dataset(np.stack(train.images), np.stack(train.targets), config, training=True)
+        val_ds = augment.resize_dataset(np.stack(val.images), np.stack(val.targets), config, training=False)
+    else:
+        probs = sampling_probabilities(train.groups, config.balance_modalities)
+        train_ds = augment.crop_dataset(train.images, train.targets, probs, config)
+        val_x, val_y = augment.centre_crops(val.images, val.targets, config.image_size)
+        val_ds = augment.resize_dataset(val_x, val_y, config, training=False)
+    steps = config.steps_per_epoch or max(1, int(np.ceil(len(train.images) / config.batch_size)))
+    return train_ds, val_ds, steps
+
+
+def compile_model(model: keras.Model, config: TrainConfig) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+
+
+def write_architecture(model: keras.Model, run_dir: Path) -> None:
+    """Text summary always; a diagram where pydot and graphviz are installed."""
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, **_: lines.append(line), expand_nested=False)
+    (run_dir / "model_summary.txt").write_text("\n".join(lines) + "\n")
+    try:
+        keras.utils.plot_model(model, to_file=str(run_dir / "model.png"), show_shapes=True)
+    except Exception as exc:  # graphviz is optional
+        print(f"note: no architecture diagram ({type(exc).__name__}: graphviz/pydot not available)")
+
+
+def predictions_figure(model: keras.Model, val: Prepared, config: TrainConfig, path: Path, count: int = 4) -> None:
+    """Image, true mask, predicted mask for a few validation images (network input scale)."""
+    idx = np.linspace(0, len(val.images) - 1, num=min(count, len(val.images))).astype(int)
+    x, y = augment.centre_crops([val.images[i] for i in idx], [val.targets[i] for i in idx], config.image_size)
+    pred = np.argmax(model.predict(x.astype(np.float32), verbose=0), axis=-1)
+    figures.image_grid([list(x), list(y), list(pred)], ["image", "true mask", "predicted mask"], path,
+                       cmaps=[None, "viridis", "viridis"])
+
+
+def count_params(model: keras.Model) -> dict[str, int]:
+    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    total = int(sum(np.prod(w.shape) for w in model.weights))
+    return {"trainable": trainable, "total": total}
+
+
+def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bool = True) -> dict:
+    """The whole run; returns the metrics written to ``RUN_DIR/metrics.json``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(config.seed)
+    started = time.time()
+    dataset = load_dataset(data_dir)
+    groups = {s.id: modality(s.image) for s in dataset.samples}
+    train_ids, val_ids = split_ids(dataset.ids, [groups[i] for i in dataset.ids], config.val_fraction, config.seed)
+    print(f"data: {len(dataset)} images, {len(train_ids)} train / {len(val_ids)} validation "
+          f"({time.time() - started:.1f} s to load)")
+    train_set = prepare(dataset.subset(train_ids), config, groups)
+    val_set = prepare(dataset.subset(val_ids), config, groups)
+    train_ds, val_ds, steps = make_datasets(train_set, val_set, config)
+
+    model = build_unet(config, fixed_size=True if config.inference == "resize" else None)
+    compile_model(model, config)
+    write_architecture(model, run_dir)
+    params = count_params(model)
+    print(f"model: {params['trainable']:,} trainable of {params['total']:,} parameters")
+
+    callbacks = [keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
+                 keras.callbacks.CSVLogger(str(run_dir / "history.csv"))]
+    fit_start = time.time()
+    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, steps_per_epoch=steps,
+                        callbacks=callbacks, verbose=2 if not _is_tty() else 1).history
+    fit_seconds = time.time() - fit_start
+
+    figures.plot_history(history, run_dir / "curves.png")
+    predictions_figure(model, val_set, config, run_dir / "predictions.png")
+    metrics = {
+        "epochs": config.epochs,
+        "steps_per_epoch": steps,
+        "fit_seconds": round(fit_seconds, 1),
+        "train_images_per_second": round(config.epochs * steps * config.batch_size / fit_seconds, 2),
+        "final": {k: float(v[-1]) for k, v in history.items()},
+        "best_val_loss": float(min(history["val_loss"])),
+        "parameters": params,
+        "train_images": len(train_ids),
+        "val_images": len(val_ids),
+    }
+    inference = {"mode": config.inference, "normalise": config.normalise,
+                 "canonical_diameter": config.canonical_diameter, "tile_overlap": 32}
+    postprocess = {"foreground_threshold": 0.5, "seed_threshold": 0.5, "min_size": config.min_size}
+    metadata = build_metadata(
+        config.to_dict(), classes=CLASS_NAMES[config.num_classes], inference=inference, postprocess=postprocess,
+        extra={"split": {"seed": config.seed, "val_fraction": config.val_fraction, "validation_ids": val_ids},
+               "data": {"path": str(data_dir), "fingerprint": fingerprint(data_dir), "images": len(dataset)},
+               "validation_metrics": {k: v for k, v in metrics["final"].items() if k.startswith("val_")},
+               "training": {k: metrics[k] for k in ("epochs", "steps_per_epoch", "fit_seconds",
+                                                    "train_images_per_second", "parameters")}},
+    )
+    model_dir = export_model(model, run_dir / "model", metadata,
+                             fixed_size=config.image_size if config.inference == "resize" else None)
+    metrics["total_seconds"] = round(time.time() - started, 1)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"exported {model_dir}; fit {fit_seconds:.0f} s, "
+          f"{metrics['train_images_per_second']} training images/s")
+    if evaluate_after:
+        from training.evaluate import evaluate_model, tune_thresholds
+
+        if config.num_classes == 3:
+            tune_thresholds(model_dir, data_dir)
+        evaluate_model(model_dir, data_dir, run_dir / "evaluation")
+    return metrics
+
+
+def _is_tty() -> bool:
+    import sys
+
+    return sys.stdout.isatty()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="DSB2018 folder in Kaggle layout")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (created)")
+    parser.add_argument("--preset", default="reference", choices=sorted(PRESETS))
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--steps-per-epoch", type=int)
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--encoder-weights", help="imagenet, none, or a .weights.h5 path")
+    parser.add_argument("--fine-tune", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--val-fraction", type=float)
+    parser.add_argument("--no-evaluate", action="store_true", help="skip the DSB2018 evaluation at the end")
+    args = parser.parse_args(argv)
+    config = preset(args.preset).override(
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, image_size=args.image_size,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, encoder_weights=args.encoder_weights,
+        fine_tune=args.fine_tune, seed=args.seed, val_fraction=args.val_fraction,
+    )
+    return config, args
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, args = parse_args(argv)
+    train(config, args.data, args.out, evaluate_after=not args.no_evaluate)
+
+
+if __name__ == "__main__":
+    main()
