@@ -42,7 +42,7 @@ def instances_from_probabilities(probs: np.ndarray, params: PostprocessParams) -
     else:
         interior = probs[..., 1]
         seeds = connected_components(interior > params.seed_threshold, connectivity=1)
-        seeds = remove_small_objects(seeds, max(1, params.min_size // 4))
+        seeds = remove_small_objects(seeds, max_size=max(0, params.min_size // 4 - 1))
         labels = watershed(-interior, markers=seeds, mask=foreground)
     return clean_labels(labels, params.min_size)
 
@@ -50,7 +50,7 @@ def instances_from_probabilities(probs: np.ndarray, params: PostprocessParams) -
 def clean_labels(labels: np.ndarray, min_size: int) -> np.ndarray:
     """Drop instances under ``min_size`` pixels, fill holes, renumber 1..N (``int32``)."""
     if min_size > 1:
-        labels = remove_small_objects(labels, min_size)
+        labels = remove_small_objects(labels, max_size=min_size - 1)
     labels = fill_holes(labels)
     relabelled, _, _ = relabel_sequential(labels.astype(np.int32, copy=False))
     return relabelled.astype(np.int32, copy=False)

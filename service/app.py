@@ -1,0 +1,248 @@
+"""The HTTP API: FastAPI app that segments uploaded microscopy images.
+
+The app only does HTTP: reading uploads within limits, mapping errors to status codes and
+choosing the encoding. The work itself is ``service.pipeline`` (decode -> normalise -> model ->
+post-process) and ``service.encode``, run off the event loop in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from enum import Enum
+from pathlib import PurePath
+from typing import Annotated, Any, AsyncIterator
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from service import __version__
+from service.config import Settings, get_settings
+from service.decode import DecodeError, TooLargeError, decode_image
+from service.encode import labels_png, mask_png, overlay_png, rle_document, submission_csv
+from service.model import ModelLoadError, SegmentationModel
+from service.pipeline import SegmentOptions, segment
+
+log = logging.getLogger("nuclei_seg")
+
+
+class MaskFormat(str, Enum):
+    png = "png"
+    labels = "labels"
+    rle = "rle"
+    overlay = "overlay"
+
+
+class BatchFormat(str, Enum):
+    json = "json"
+    csv = "csv"
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: {"description": "Upload over the byte limit, or image over the pixel limit (decompression bombs included)."},
+    415: {"description": "The upload is not an image format we read (PNG, JPEG, TIFF, BMP, GIF, WebP)."},
+    422: {"description": "Corrupt, truncated or empty image, unsupported channel layout, or invalid parameters."},
+    503: {"description": "The model is not loaded and warmed yet."},
+}
+PNG_RESPONSE = {"content": {"image/png": {}}, "description": "PNG image of the input's height and width."}
+RLE_EXAMPLE = {
+    "height": 256, "width": 320, "count": 1,
+    "nuclei": [{"id": 1, "rle": "5130 6 5386 8 5642 8", "area": 22, "bbox": [10, 20, 18, 23],
+                "centroid": [13.5, 21.0], "perimeter": 16.2, "eccentricity": 0.61, "solidity": 0.95,
+                "mean_intensity": 187.3}],
+}
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load (unless injected) and warm the model once per process before serving."""
+    settings: Settings = app.state.settings
+    if app.state.model is None:
+        app.state.model = await run_in_threadpool(SegmentationModel.load, settings.model_dir)
+    await run_in_threadpool(app.state.model.warm)
+    app.state.ready = True
+    log.info("model %s loaded and warmed", app.state.model.model_dir)
+    yield
+    app.state.ready = False
+
+
+def create_app(settings: Settings | None = None, model: SegmentationModel | None = None) -> FastAPI:
+    """Build the app; tests and the CLI inject settings and (optionally) an already loaded model."""
+    app = FastAPI(
+        title="nuclei-seg",
+        version=__version__,
+        summary="Find cell nuclei in microscopy images: masks, instance labels, run-length encodings.",
+        description=(
+            "Upload an image (PNG, JPEG, TIFF incl. 16-bit and float, BMP, GIF, WebP) to `POST /segment`. "
+            "Nuclei come back as a binary mask, a 16-bit instance label image, an outline overlay, or "
+            "DSB2018 run-length encodings with per-nucleus measurements."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings or get_settings()
+    app.state.model = model
+    app.state.ready = False
+    _install_error_handlers(app)
+    _install_routes(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        messages = [f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}" for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": "; ".join(messages) or "invalid request"})
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse(status_code=500, content={"detail": "internal error"})
+
+
+def get_model(request: Request) -> SegmentationModel:
+    """Dependency: the process's model, or 503 while it is not ready."""
+    if not request.app.state.ready or request.app.state.model is None:
+        raise HTTPException(status_code=503, detail="model not loaded yet")
+    return request.app.state.model
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+ModelDep = Annotated[SegmentationModel, Depends(get_model)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
+    """The upload's bytes, refusing more than ``max_upload_bytes`` (413) and empty files (422)."""
+    data = await upload.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise HTTPException(status_code=413, detail=f"upload exceeds the limit of {settings.max_upload_bytes} bytes")
+    if not data:
+        raise HTTPException(status_code=422, detail="empty upload: the file has no bytes")
+    return data
+
+
+def decode_or_raise(data: bytes, settings: Settings, name: str | None) -> np.ndarray:
+    """Decode upload bytes, turning decoder errors into HTTP errors that name the file."""
+    prefix = f"{name}: " if name else ""
+    try:
+        return decode_image(data, max_pixels=settings.max_pixels)
+    except TooLargeError as exc:
+        raise HTTPException(status_code=413, detail=prefix + str(exc)) from None
+    except DecodeError as exc:
+        raise HTTPException(status_code=415 if exc.unsupported_type else 422, detail=prefix + str(exc)) from None
+
+
+def run_segmentation(data: bytes, name: str | None, model: SegmentationModel, settings: Settings,
+                     options: SegmentOptions) -> tuple[np.ndarray, np.ndarray]:
+    """decode -> segment, in a worker thread; returns (image, labels)."""
+    image = decode_or_raise(data, settings, name)
+    return image, segment(image, model, options).labels
+
+
+def image_id(filename: str | None, index: int) -> str:
+    """DSB2018 ImageId: the file's base name without extension (never a path)."""
+    base = PurePath((filename or "").replace("\\", "/")).name
+    return PurePath(base).stem or f"image_{index}"
+
+
+def _install_routes(app: FastAPI) -> None:
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process is up.")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="Readiness: 200 once the model is loaded and warmed, else 503.",
+             responses={503: ERROR_RESPONSES[503]})
+    async def readyz(request: Request) -> JSONResponse:
+        ready = bool(request.app.state.ready)
+        return JSONResponse(status_code=200 if ready else 503, content={"ready": ready})
+
+    @app.get("/model", tags=["model"], summary="The served model's metadata.json plus the service version.",
+             responses={503: ERROR_RESPONSES[503]})
+    async def model_info(model: ModelDep) -> dict[str, Any]:
+        return {"service_version": __version__, "model_dir": model.model_dir.name, **model.spec.metadata}
+
+    @app.post(
+        "/segment",
+        tags=["segment"],
+        summary="Segment the nuclei of one image.",
+        response_class=Response,
+        responses={
+            200: {"content": {"image/png": {}, "application/json": {"example": RLE_EXAMPLE}},
+                  "description": "png/labels/overlay: a PNG of the input's size; rle: JSON (example)."},
+            **ERROR_RESPONSES,
+        },
+    )
+    async def segment_image(
+        model: ModelDep,
+        settings: SettingsDep,
+        file: Annotated[UploadFile, File(description="The image (PNG, JPEG, TIFF, BMP, GIF or WebP).")],
+        format: Annotated[MaskFormat, Query(description=(
+            "png: binary mask 0/255; labels: 16-bit instance labels 0..N; overlay: the image with "
+            "nuclei outlined; rle: JSON with DSB2018 run-length encodings and measurements."))] = MaskFormat.png,
+        tiling: Annotated[bool | None, Query(description=(
+            "Native-resolution sliding-window tiles (true) or resize to the model input (false, the "
+            "reference method). Default: the model's own mode."))] = None,
+        tta: Annotated[bool, Query(description="Test-time flips: average 4 flipped predictions (4x slower).")] = False,
+        min_size: Annotated[int | None, Query(ge=0, le=1_000_000, description=(
+            "Drop nuclei smaller than this many pixels. Default: the model's tuned value."))] = None,
+    ) -> Response:
+        data = await read_upload(file, settings)
+        options = SegmentOptions(tiling=tiling, tta=tta, min_size=min_size, tile_batch_size=settings.tile_batch_size)
+        image, labels = await run_in_threadpool(run_segmentation, data, file.filename, model, settings, options)
+        return await run_in_threadpool(encode_response, image, labels, format)
+
+    @app.post(
+        "/segment/batch",
+        tags=["segment"],
+        summary="Segment several images: JSON list of RLE documents, or the DSB2018 submission CSV.",
+        response_class=Response,
+        responses={200: {"content": {"application/json": {}, "text/csv": {}},
+                         "description": "json: list of rle documents with `filename`; csv: ImageId,EncodedPixels."},
+                   **ERROR_RESPONSES},
+    )
+    async def segment_batch(
+        model: ModelDep,
+        settings: SettingsDep,
+        files: Annotated[list[UploadFile], File(description="The images, as repeated `files` fields.")],
+        format: Annotated[BatchFormat, Query(description="json (default) or csv (DSB2018 submission).")] = BatchFormat.json,
+        tiling: Annotated[bool | None, Query(description="As for /segment.")] = None,
+        tta: Annotated[bool, Query(description="As for /segment.")] = False,
+        min_size: Annotated[int | None, Query(ge=0, le=1_000_000, description="As for /segment.")] = None,
+    ) -> Response:
+        if len(files) > settings.max_batch_files:
+            raise HTTPException(status_code=413, detail=f"{len(files)} files; at most {settings.max_batch_files} per batch")
+        options = SegmentOptions(tiling=tiling, tta=tta, min_size=min_size, tile_batch_size=settings.tile_batch_size)
+        payloads = [(upload.filename, await read_upload(upload, settings)) for upload in files]
+        documents = []
+        for index, (name, data) in enumerate(payloads):
+            image, labels = await run_in_threadpool(run_segmentation, data, name, model, settings, options)
+            document = await run_in_threadpool(rle_document, labels, image)
+            documents.append((image_id(name, index), {"filename": name, **document}))
+        if format is BatchFormat.csv:
+            return PlainTextResponse(submission_csv(documents), media_type="text/csv")
+        return JSONResponse([doc for _, doc in documents])
+
+
+def encode_response(image: np.ndarray, labels: np.ndarray, fmt: MaskFormat) -> Response:
+    """Encode labels in the requested format."""
+    if fmt is MaskFormat.rle:
+        return JSONResponse(rle_document(labels, image))
+    if fmt is MaskFormat.labels:
+        try:
+            body = labels_png(labels)
+        except ValueError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+    elif fmt is MaskFormat.overlay:
+        body = overlay_png(image, labels)
+    else:
+        body = mask_png(labels)
+    return Response(content=body, media_type="image/png")
+
+
+__all__ = ["create_app", "ModelLoadError"]

@@ -1,0 +1,114 @@
+"""The request path as one function: decoded RGB image -> instance labels.
+
+``normalise`` -> model (``resize`` like the reference, or ``tile`` at native resolution with
+the nucleus size brought to the model's canonical size) -> ``postprocess``. The HTTP app and the
+evaluation both call :func:`segment`, so the numbers we report are the numbers users get.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from service.model import SegmentationModel
+from service.normalise import normalise
+from service.postprocess import PostprocessParams, instances_from_probabilities, median_diameter
+from service.tiling import predict_tiled
+
+#: Scale factors applied to reach the canonical nucleus size are kept within these bounds
+#: (upscaling costs time quadratically; beyond 4x down, nuclei are bigger than any training crop).
+SCALE_LIMITS = (0.25, 2.0)
+#: A first-pass scale estimate within this band of 1 is accepted without a second pass.
+SCALE_TOLERANCE = (0.8, 1.25)
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """Per-request choices; ``None`` means the model's default from its metadata."""
+
+    tiling: bool | None = None  # True: native-resolution tiles; False: resize to the model input (reference)
+    tta: bool = False  # average predictions over flips (4x the model cost)
+    min_size: int | None = None  # drop nuclei smaller than this many pixels
+    tile_batch_size: int = 8
+    auto_scale: bool = True  # rescale to the canonical nucleus size (tile mode, when the model has one)
+
+
+@dataclass
+class Segmentation:
+    """Result of :func:`segment` for one image."""
+
+    labels: np.ndarray  # (H, W) int32, 0 background, 1..N nuclei
+    scale: float  # factor the image was resized by before the model (1.0 = native)
+    probabilities: np.ndarray  # (H, W, C) class probabilities the labels were decoded from
+
+
+def segment(image: np.ndarray, model: SegmentationModel, options: SegmentOptions = SegmentOptions()) -> Segmentation:
+    """Segment one ``(H, W, 3) uint8`` RGB image into nucleus instances at its own size."""
+    spec = model.spec
+    params = spec.postprocess if options.min_size is None else replace(spec.postprocess, min_size=options.min_size)
+    image = normalise(image, spec.normalise)
+    tiling = spec.inference == "tile" if options.tiling is None else options.tiling
+    if not tiling:
+        size = (spec.image_size, spec.image_size)
+        probs = probabilities_at(image, model, size, options, tiled=False)
+        return Segmentation(instances_from_probabilities(probs, params), 1.0, probs)
+    scale = 1.0
+    probs = probabilities_at(image, model, None, options)
+    labels = instances_from_probabilities(probs, params)
+    if options.auto_scale and spec.canonical_diameter:
+        for _ in range(2):  # a far-off first estimate is refined once more
+            proposed = rescale_factor(labels, spec.canonical_diameter) * scale
+            proposed = float(np.clip(proposed, *SCALE_LIMITS))
+            if SCALE_TOLERANCE[0] <= proposed / scale <= SCALE_TOLERANCE[1]:
+                break
+            scale = proposed
+            size = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
+            probs = probabilities_at(image, model, size, options)
+            labels = instances_from_probabilities(probs, params)
+    return Segmentation(labels, scale, probs)
+
+
+def rescale_factor(labels: np.ndarray, canonical: float) -> float:
+    """Factor that would bring the median nucleus in ``labels`` to ``canonical`` pixels across."""
+    diameter = median_diameter(labels)
+    return 1.0 if diameter is None else canonical / diameter
+
+
+def probabilities_at(image: np.ndarray, model: SegmentationModel, size: tuple[int, int] | None,
+                     options: SegmentOptions, tiled: bool = True) -> np.ndarray:
+    """Class probabilities at the image's own size, computed with the image resized to ``size``.
+
+    ``size`` None keeps native resolution. ``tiled`` runs overlapping tiles of the model's input
+    size (memory bounded by the tile batch); otherwise the model sees the resized image whole.
+    """
+    height, width = image.shape[:2]
+    work = image if size is None or size == (height, width) else resize(image, size)
+    predict = model.predict if not options.tta else (lambda batch: predict_flips(model, batch))
+    if tiled:
+        probs = predict_tiled(work, predict, model.spec.image_size, model.spec.tile_overlap,
+                              options.tile_batch_size, model.spec.num_classes)
+    else:
+        probs = predict(work[None])[0]
+    if probs.shape[:2] != (height, width):
+        probs = resize(probs, (height, width))
+    return probs
+
+
+def predict_flips(model: SegmentationModel, batch: np.ndarray) -> np.ndarray:
+    """Test-time augmentation: mean probabilities over identity and horizontal/vertical flips."""
+    total = model.predict(batch)
+    for axes in ((2,), (1,), (1, 2)):
+        total += np.flip(model.predict(np.ascontiguousarray(np.flip(batch, axes))), axes)
+    return total / 4.0
+
+
+def resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an ``(H, W, C)`` image or probability map (antialiased when shrinking)."""
+    import tensorflow as tf
+
+    shrinking = size[0] < array.shape[0] or size[1] < array.shape[1]
+    out = tf.image.resize(array[None].astype(np.float32), size, method="bilinear", antialias=shrinking)[0].numpy()
+    if array.dtype == np.uint8:
+        return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    return out

@@ -1,0 +1,67 @@
+"""The DSB2018 metric on hand-made cases with known answers."""
+
+import numpy as np
+import pytest
+
+from tests.synthetic import disc_labels
+from training.matching import THRESHOLDS, iou_matrix, score_image
+
+SHAPE = (40, 60)
+TRUTH = disc_labels(SHAPE, [(10, 10), (10, 40), (30, 25)], 6)
+
+
+def test_perfect_match_scores_one():
+    s = score_image(TRUTH, TRUTH)
+    assert s.score == 1.0 and s.ap50 == 1.0 and s.n_true == s.n_pred == 3
+
+
+def test_one_missed_nucleus():
+    pred = TRUTH.copy()
+    pred[pred == 3] = 0
+    s = score_image(TRUTH, pred)
+    assert s.score == pytest.approx(2 / 3)  # TP 2, FN 1 at every threshold
+
+
+def test_one_nucleus_split_in_two():
+    pred = TRUTH.copy()
+    nucleus = pred == 1
+    cols = np.nonzero(nucleus)[1]
+    pred[nucleus & (np.arange(SHAPE[1])[None, :] > np.median(cols))] = 4
+    s = score_image(TRUTH, pred)
+    iou = iou_matrix(TRUTH, pred)
+    assert 0.5 < iou[0, 0] < 0.6 and iou[0, 3] < 0.5  # the larger half still matches at IoU 0.5
+    assert s.ap50 == pytest.approx(3 / 4)  # TP 3, FP 1 (the smaller half), FN 0
+    assert s.score < 0.5  # above IoU 0.55 the split nucleus is lost: TP 2, FP 2, FN 1
+    assert s.n_pred == 4
+
+
+def test_two_nuclei_merged():
+    truth = disc_labels(SHAPE, [(20, 20), (20, 31)], 6)
+    pred = (truth > 0).astype(np.int32)
+    pred[20, 20:32] = 1  # one blob covering both
+    s = score_image(truth, pred)
+    # the blob has IoU about 0.5 with each: never above 0.5 for both, TP <= 1, so score <= 1/2
+    assert s.ap50 <= 0.5
+    assert s.n_pred == 1
+
+
+def test_empty_prediction_scores_zero_and_both_empty_scores_one():
+    empty = np.zeros(SHAPE, np.int32)
+    assert score_image(TRUTH, empty).score == 0.0
+    assert score_image(empty, empty).score == 1.0
+
+
+def test_iou_threshold_is_strict_and_averaged():
+    # a prediction with IoU exactly between thresholds counts only below it
+    truth = np.zeros((1, 100), np.int32)
+    truth[0, :100] = 1
+    pred = np.zeros((1, 100), np.int32)
+    pred[0, :72] = 1  # IoU 0.72: TP at 0.50..0.70 (5 thresholds), FP+FN above
+    s = score_image(truth, pred)
+    assert s.score == pytest.approx(5 / len(THRESHOLDS))
+    assert iou_matrix(truth, pred)[0, 0] == pytest.approx(0.72)
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError):
+        score_image(TRUTH, TRUTH[:-1])

@@ -1,0 +1,199 @@
+"""The HTTP API against the real app (httpx + ASGI) and a tiny model built by the training code."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.app import create_app
+from service.config import Settings
+from service.encode import rle_decode
+from service.model import SegmentationModel
+from tests.synthetic import random_labels, render
+
+
+def png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.fromarray(array)
+    (image.convert(mode) if mode else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sample_image() -> np.ndarray:
+    rng = np.random.default_rng(5)
+    return render(random_labels(rng, (333, 517), 30, 7), rng)
+
+
+@pytest.fixture(scope="module")
+def loaded_model(tile_model_dir) -> SegmentationModel:
+    return SegmentationModel.load(tile_model_dir)
+
+
+@pytest.fixture()
+def client(loaded_model, tile_model_dir):
+    settings = Settings(model_dir=tile_model_dir, max_upload_bytes=2_000_000, max_pixels=4_000_000, max_batch_files=4)
+    app = create_app(settings, loaded_model)
+    transport = httpx.ASGITransport(app=app)
+
+    async def run(method: str, url: str, **kwargs) -> httpx.Response:
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                return await c.request(method, url, **kwargs)
+
+    import anyio
+
+    def call(method: str, url: str, **kwargs) -> httpx.Response:
+        return anyio.run(lambda: run(method, url, **kwargs))
+
+    return call
+
+
+def upload(data: bytes, name: str = "cells.png", ctype: str = "image/png") -> dict:
+    return {"files": {"file": (name, data, ctype)}}
+
+
+@pytest.mark.parametrize("fmt", ["png", "labels", "overlay"])
+def test_png_formats_keep_the_input_size(client, sample_image, fmt):
+    r = client("POST", f"/segment?format={fmt}", **upload(png(sample_image)))
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    out = Image.open(io.BytesIO(r.content))
+    assert out.size == (517, 333)
+    arr = np.asarray(out)
+    if fmt == "png":
+        assert set(np.unique(arr)) <= {0, 255}
+    if fmt == "labels":
+        assert out.mode.startswith("I") and arr.max() < 65536
+    if fmt == "overlay":
+        assert arr.shape == (333, 517, 3)
+
+
+def test_rle_round_trips_to_the_label_image(client, sample_image):
+    data = png(sample_image)
+    doc = client("POST", "/segment?format=rle", **upload(data)).json()
+    labels = np.asarray(Image.open(io.BytesIO(client("POST", "/segment?format=labels", **upload(data)).content)))
+    assert (doc["height"], doc["width"]) == (333, 517) and doc["count"] == len(doc["nuclei"]) == labels.max()
+    for nucleus in doc["nuclei"]:
+        mask = rle_decode(nucleus["rle"], (333, 517)).astype(bool)
+        np.testing.assert_array_equal(mask, labels == nucleus["id"])
+        assert nucleus["area"] == mask.sum()
+        for key in ("bbox", "centroid", "perimeter", "eccentricity", "solidity", "mean_intensity"):
+            assert key in nucleus
+
+
+def test_batch_json_and_csv(client, sample_image):
+    files = [("files", ("a.png", png(sample_image), "image/png")),
+             ("files", ("dir/b.tif.png", png(np.zeros((40, 50), np.uint8)), "image/png"))]
+    docs = client("POST", "/segment/batch", files=files).json()
+    assert [d["filename"] for d in docs] == ["a.png", "dir/b.tif.png"]
+    csv_text = client("POST", "/segment/batch?format=csv", files=files)
+    assert csv_text.headers["content-type"].startswith("text/csv")
+    lines = csv_text.text.strip().split("\n")
+    assert lines[0] == "ImageId,EncodedPixels"
+    assert sum(line.startswith("a,") for line in lines) == max(1, docs[0]["count"])
+    assert "b.tif," in lines  # the empty image gets one row with empty EncodedPixels
+
+
+def test_resize_mode_and_options(client, sample_image):
+    r = client("POST", "/segment?format=rle&tiling=false&tta=true&min_size=5", **upload(png(sample_image)))
+    assert r.status_code == 200 and r.json()["width"] == 517
+
+
+def test_health_ready_and_model(client):
+    assert client("GET", "/healthz").json() == {"status": "ok"}
+    assert client("GET", "/readyz").status_code == 200
+    info = client("GET", "/model").json()
+    assert info["service_version"] and info["classes"] == ["background", "interior", "boundary"]
+
+
+def test_readyz_is_503_before_the_model_is_loaded(tile_model_dir):
+    app = create_app(Settings(model_dir=tile_model_dir))
+    import anyio
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            before = (await c.get("/readyz")).status_code
+            seg = (await c.post("/segment", files={"file": ("a.png", b"x", "image/png")})).status_code
+            async with app.router.lifespan_context(app):
+                after = (await c.get("/readyz")).status_code
+        return before, seg, after
+
+    assert anyio.run(run) == (503, 503, 200)
+
+
+@pytest.mark.parametrize("maker", ["jpeg", "tiff16", "float_tiff", "bmp", "palette", "rgba"])
+def test_formats_users_bring(client, sample_image, maker):
+    import tifffile
+
+    buffer = io.BytesIO()
+    gray = sample_image
+    if maker == "jpeg":
+        Image.fromarray(sample_image).save(buffer, format="JPEG")
+    elif maker == "tiff16":
+        tifffile.imwrite(buffer, gray.astype(np.uint16) * 200)
+    elif maker == "float_tiff":
+        tifffile.imwrite(buffer, gray.astype(np.float32) / 7.0)
+    elif maker == "bmp":
+        Image.fromarray(sample_image).save(buffer, format="BMP")
+    elif maker == "palette":
+        Image.fromarray(sample_image).convert("P").save(buffer, format="PNG")
+    else:
+        Image.fromarray(sample_image).convert("RGBA").save(buffer, format="PNG")
+    r = client("POST", "/segment", **upload(buffer.getvalue(), name=f"x.{maker}"))
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(r.content)).size == (517, 333), (r.headers, r.content[:60])
+
+
+def bomb() -> bytes:
+    """A tiny PNG that declares 100,000 x 100,000 pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("body", "query", "status"),
+    [
+        (b"", "", 422),
+        (b"this is not an image at all", "", 415),
+        (png(np.zeros((50, 50), np.uint8))[:60], "", 422),  # truncated PNG
+        (bomb(), "", 413),
+        (b"\0" * 2_000_001, "", 413),  # over max_upload_bytes
+        (png(np.zeros((50, 50), np.uint8)), "?format=jpeg", 422),
+        (png(np.zeros((50, 50), np.uint8)), "?min_size=-1", 422),
+    ],
+    ids=["empty", "not-an-image", "truncated", "bomb", "too-many-bytes", "bad-format", "bad-min-size"],
+)
+def test_bad_input_gets_a_clear_4xx_and_service_keeps_serving(client, sample_image, body, query, status):
+    r = client("POST", f"/segment{query}", **upload(body))
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and detail and "Traceback" not in detail
+    assert client("POST", "/segment", **upload(png(sample_image))).status_code == 200
+
+
+def test_missing_field_and_too_many_batch_files(client, sample_image):
+    assert client("POST", "/segment", files={"other": ("a.png", b"x", "image/png")}).status_code == 422
+    files = [("files", (f"{i}.png", png(sample_image[:40, :40]), "image/png")) for i in range(5)]
+    r = client("POST", "/segment/batch", files=files)
+    assert r.status_code == 413 and "at most 4" in r.json()["detail"]
+
+
+def test_openapi_documents_every_parameter(client):
+    schema = client("GET", "/openapi.json").json()
+    op = schema["paths"]["/segment"]["post"]
+    assert {p["name"] for p in op["parameters"]} == {"format", "tiling", "tta", "min_size"}
+    assert all(p.get("description") for p in op["parameters"])
+    assert {"200", "413", "415", "422", "503"} <= set(op["responses"])
+    assert client("GET", "/docs").status_code == 200
+    json.dumps(schema)

@@ -1,0 +1,141 @@
+"""Training module: loading, targets, augmentation, model, CLI run, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tests.conftest import tiny_config
+from tests.synthetic import make_dataset
+from training import augment
+from training.data import DataError, data_load, load_dataset
+from training.export import export_model
+from training.model import build_unet
+from training.targets import boundary_target
+
+
+def test_loader_merges_masks_and_handles_modes(dataset_dir: Path):
+    ds = load_dataset(dataset_dir)
+    assert len(ds) == 8 and ds.ids == sorted(ds.ids)
+    for sample in ds.samples:
+        assert sample.image.dtype == np.uint8 and sample.image.shape[2] == 3
+        masks = sorted((dataset_dir / sample.id / "masks").glob("*.png"))
+        assert sample.labels.max() == len(masks)
+        union = np.zeros(sample.labels.shape, bool)
+        for m in masks:
+            union |= np.asarray(Image.open(m)) > 0
+        np.testing.assert_array_equal(sample.mask, union.astype(np.uint8))
+    # grayscale and RGBA images decode to the same pixels in all three channels
+    gray = ds.samples[1].image
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+
+
+def test_reference_loader_returns_stacked_arrays(dataset_dir: Path):
+    images, masks, ids = data_load(dataset_dir, image_size=32)
+    assert images.shape == (8, 32, 32, 3) and masks.shape == (8, 32, 32, 1)
+    assert set(np.unique(masks)) <= {0, 1} and len(ids) == 8
+
+
+@pytest.mark.parametrize("breakage", ["no_images", "bad_png", "wrong_size_mask"])
+def test_bad_data_names_the_file(tmp_path: Path, breakage: str):
+    root = make_dataset(tmp_path / "d", count=2)
+    sample = root / "img01"
+    if breakage == "no_images":
+        shutil.rmtree(sample / "images")
+        culprit = "img01.png"
+    elif breakage == "bad_png":
+        (sample / "images" / "img01.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+        culprit = "img01.png"
+    else:
+        bad = next((sample / "masks").glob("*.png"))
+        Image.fromarray(np.zeros((5, 5), np.uint8)).save(bad)
+        culprit = bad.name
+    with pytest.raises(DataError, match=culprit):
+        load_dataset(root)
+
+
+def test_boundary_target_separates_touching_nuclei():
+    labels = np.zeros((20, 30), np.int32)
+    labels[5:15, 5:15] = 1
+    labels[5:15, 15:25] = 2
+    target = boundary_target(labels, width=2)
+    assert set(np.unique(target)) == {0, 1, 2}
+    assert (target[5:15, 13:17] == 2).all()  # the shared edge is boundary on both sides
+    interior = target == 1
+    from scipy import ndimage as ndi
+
+    assert ndi.label(interior)[1] == 2  # interiors of touching nuclei do not touch
+
+
+def test_augmentation_keeps_image_and_mask_aligned():
+    config = tiny_config("best").override(colour=False)
+    rng = np.random.default_rng(1)
+    target = np.kron(rng.random((12, 12)) > 0.5, np.ones((8, 8))).astype(np.uint8)
+    image = np.repeat(target[..., None] * 255, 3, axis=-1).astype(np.uint8)
+    tf.random.set_seed(3)
+    for _ in range(5):
+        x, y = augment.augment(tf.constant(image), tf.constant(target), config, 64)
+        x, y = x.numpy(), y.numpy()[..., 0]
+        # where the image is clearly white/black, the nearest-neighbour mask agrees
+        confident = (x[..., 0] > 230) | (x[..., 0] < 25)
+        assert confident.mean() > 0.3
+        agree = (x[..., 0] > 127) == (y == 1)
+        assert agree[confident].mean() > 0.97
+        assert set(np.unique(y)) <= {0, 1}
+
+
+def test_model_output_shape_fixed_and_any_size():
+    ref = build_unet(tiny_config("reference"))
+    assert ref.output_shape == (None, 64, 64, 2)
+    tile = build_unet(tiny_config("best"))
+    assert tile(np.zeros((1, 96, 64, 3), np.float32)).shape == (1, 96, 64, 3)
+
+
+def test_cli_run_exports_a_savedmodel_matching_keras(dataset_dir: Path, tmp_path: Path):
+    from training.train import main
+
+    run = tmp_path / "run"
+    main(["--data", str(dataset_dir), "--out", str(run), "--epochs", "1", "--image-size", "64",
+          "--batch-size", "4", "--encoder-weights", "none", "--no-evaluate"])
+    for name in ("curves.png", "predictions.png", "metrics.json", "model_summary.txt", "history.csv"):
+        assert (run / name).is_file(), name
+    assert any((run / "logs").rglob("*tfevents*"))
+    meta = json.loads((run / "model" / "metadata.json").read_text())
+    assert meta["input_size"] == 64 and meta["classes"] == ["background", "nucleus"]
+    assert len(meta["split"]["validation_ids"]) >= 1 and meta["data"]["fingerprint"]
+    loaded = tf.saved_model.load(str(run / "model"))
+    batch = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    served = loaded.signatures["serving_default"](images=tf.constant(batch))["probabilities"].numpy()
+    assert served.shape == (2, 64, 64, 2)
+    np.testing.assert_allclose(served.sum(-1), 1.0, atol=1e-5)
+
+
+def test_export_matches_keras_model_and_is_atomic(tmp_path: Path, monkeypatch):
+    config = tiny_config("best")
+    model = build_unet(config)
+    out = tmp_path / "model"
+    export_model(model, out, {"format_version": 1}, fixed_size=None)
+    batch = np.random.default_rng(0).integers(0, 255, (1, 64, 96, 3), dtype=np.uint8)
+    expected = tf.nn.softmax(model(batch.astype(np.float32), training=False), -1).numpy()
+    served = tf.saved_model.load(str(out)).signatures["serving_default"](images=tf.constant(batch))
+    np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
+
+    # a crash during a second export leaves the first model intact and no temp folders behind
+    before = sorted(p.name for p in out.rglob("*"))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(tf.saved_model, "save", boom)
+    with pytest.raises(RuntimeError):
+        export_model(model, out, {"format_version": 1}, fixed_size=None)
+    assert sorted(p.name for p in out.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert not any(name.startswith(".") for name in os.listdir(tmp_path))

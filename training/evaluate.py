@@ -1,0 +1,194 @@
+"""Score an exported model with the DSB2018 metric through the service's own code path.
+
+    python -m training.evaluate --model runs/best/model --data ../shared/data/dsb2018/stage1_train
+
+Each image is read from its PNG bytes by the service decoder and segmented by
+``service.pipeline.segment``, exactly what ``POST /segment`` does. Writes ``report.md``,
+``per_image.csv`` and ``worst.png`` (image, truth outlines, prediction outlines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from service.model import SegmentationModel
+from service.pipeline import SegmentOptions, segment
+from service.postprocess import instances_from_probabilities
+from training import figures
+from training.data import NucleiDataset, list_sample_dirs, load_dataset, load_sample
+from training.export import update_metadata
+from training.matching import ImageScore, score_image
+from training.split import MODALITIES, modality
+
+FOREGROUND_GRID = (0.35, 0.45, 0.55)
+SEED_GRID = (0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def split_samples(model: SegmentationModel, data_dir: Path, split: str) -> NucleiDataset:
+    """The images of ``split`` ("validation" from the model's metadata, or "all")."""
+    if split == "all":
+        return load_dataset(data_dir)
+    if split != "validation":
+        raise ValueError(f"unknown split {split!r} (validation or all)")
+    ids = model.spec.metadata.get("split", {}).get("validation_ids")
+    if not ids:
+        raise ValueError(f"model {model.model_dir} records no validation split")
+    by_name = {d.name: d for d in list_sample_dirs(data_dir)}
+    missing = [i for i in ids if i not in by_name]
+    if missing:
+        raise ValueError(f"{len(missing)} validation ids not in {data_dir}, e.g. {missing[0]}")
+    return NucleiDataset([load_sample(by_name[i]) for i in ids])
+
+
+def evaluate_model(model_dir: Path, data_dir: Path, out_dir: Path, split: str = "validation",
+                   options: SegmentOptions = SegmentOptions(), worst: int = 6) -> dict:
+    """Segment every image of the split, score it, write the report; return the summary."""
+    model = SegmentationModel.load(model_dir)
+    model.warm()
+    dataset = split_samples(model, data_dir, split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, predictions = [], {}
+    for sample in dataset.samples:
+        start = time.perf_counter()
+        result = segment(sample.image, model, options)
+        seconds = time.perf_counter() - start
+        score = score_image(sample.labels, result.labels)
+        predictions[sample.id] = result.labels
+        rows.append({"id": sample.id, "modality": modality(sample.image), "height": sample.image.shape[0],
+                     "width": sample.image.shape[1], "scale": round(result.scale, 3), "seconds": round(seconds, 3),
+                     **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(score).items()}})
+    summary = summarise(rows)
+    summary.update({"model": str(model_dir), "split": split, "options": asdict(options)})
+    write_csv(rows, out_dir / "per_image.csv")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    worst_figure(dataset, predictions, rows, out_dir / "worst.png", worst)
+    (out_dir / "report.md").write_text(markdown_report(summary, rows))
+    print(markdown_table([summary_row("model", summary)]))
+    return summary
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Means over images, overall and per modality, plus speed."""
+    def mean(key: str, subset: list[dict]) -> float:
+        return float(np.mean([r[key] for r in subset])) if subset else float("nan")
+
+    megapixels = sum(r["height"] * r["width"] for r in rows) / 1e6
+    summary = {
+        "images": len(rows),
+        "dsb_score": mean("score", rows),
+        "ap50": mean("ap50", rows),
+        "pixel_iou": mean("pixel_iou", rows),
+        "dice": mean("dice", rows),
+        "true_nuclei": int(sum(r["n_true"] for r in rows)),
+        "predicted_nuclei": int(sum(r["n_pred"] for r in rows)),
+        "seconds_per_megapixel": float(sum(r["seconds"] for r in rows) / max(megapixels, 1e-9)),
+        "per_modality": {},
+    }
+    for name in MODALITIES:
+        subset = [r for r in rows if r["modality"] == name]
+        if subset:
+            summary["per_modality"][name] = {"images": len(subset), "dsb_score": mean("score", subset),
+                                             "ap50": mean("ap50", subset)}
+    return summary
+
+
+def summary_row(name: str, s: dict) -> dict:
+    per = s["per_modality"]
+    return {"model": name, "DSB2018 score": f"{s['dsb_score']:.3f}", "AP@0.5": f"{s['ap50']:.3f}",
+            **{f"{m} (n={per[m]['images']})": f"{per[m]['dsb_score']:.3f}" for m in MODALITIES if m in per},
+            "pixel IoU": f"{s['pixel_iou']:.3f}", "nuclei true/pred": f"{s['true_nuclei']}/{s['predicted_nuclei']}",
+            "s per MP": f"{s['seconds_per_megapixel']:.2f}"}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown_report(summary: dict, rows: list[dict]) -> str:
+    worst = sorted(rows, key=lambda r: r["score"])[:10]
+    return "\n\n".join([
+        f"# Evaluation of `{summary['model']}` on the {summary['split']} split ({summary['images']} images)",
+        markdown_table([summary_row("model", summary)]),
+        "DSB2018 score: mean over images of the mean over IoU thresholds 0.50..0.95 of TP/(TP+FP+FN); "
+        "AP@0.5 is that ratio at IoU 0.5. Seconds per megapixel include decoding-free segmentation only.",
+        "## Worst images",
+        markdown_table([{k: r[k] for k in ("id", "modality", "score", "ap50", "n_true", "n_pred", "scale")}
+                        for r in worst]),
+        "![worst images](worst.png)",
+    ]) + "\n"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def worst_figure(dataset: NucleiDataset, predictions: dict, rows: list[dict], path: Path, count: int) -> None:
+    by_id = {s.id: s for s in dataset.samples}
+    worst = sorted(rows, key=lambda r: r["score"])[:count]
+    images = [by_id[r["id"]].image for r in worst]
+    figures.image_grid(
+        [images,
+         [figures.outline_overlay(img, by_id[r["id"]].labels, (0, 255, 0)) for img, r in zip(images, worst)],
+         [figures.outline_overlay(img, predictions[r["id"]], (255, 0, 255)) for img, r in zip(images, worst)]],
+        ["image", "truth", "prediction"], path,
+        col_titles=[f"{r['modality']} {r['score']:.2f}" for r in worst],
+    )
+
+
+def tune_thresholds(model_dir: Path, data_dir: Path, limit: int | None = None) -> dict:
+    """Pick foreground/seed thresholds maximising the DSB2018 score on the validation split.
+
+    Probabilities are computed once per image (the scale chosen with the current thresholds),
+    then every threshold pair is decoded and scored. The winner is stored in the model metadata.
+    """
+    model = SegmentationModel.load(model_dir)
+    dataset = split_samples(model, data_dir, "validation")
+    samples = dataset.samples[:limit] if limit else dataset.samples
+    cached = [(s.labels, segment(s.image, model).probabilities) for s in samples]
+    base = model.spec.postprocess
+    results = []
+    for fg, seed in itertools.product(FOREGROUND_GRID, SEED_GRID):
+        params = replace(base, foreground_threshold=fg, seed_threshold=seed)
+        scores = [score_image(t, instances_from_probabilities(p, params)).score for t, p in cached]
+        results.append((float(np.mean(scores)), fg, seed))
+    best_score, fg, seed = max(results)
+    chosen = {**asdict(base), "foreground_threshold": fg, "seed_threshold": seed,
+              "tuned_on": f"validation split ({len(samples)} images), DSB2018 score {best_score:.4f}"}
+    update_metadata(model_dir, {"postprocess": chosen})
+    print(f"thresholds: foreground {fg}, seed {seed} -> validation DSB2018 score {best_score:.4f}")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="exported model folder")
+    parser.add_argument("--data", type=Path, required=True, help="DSB2018 folder in Kaggle layout")
+    parser.add_argument("--split", default="validation", choices=["validation", "all"])
+    parser.add_argument("--out", type=Path, help="report folder (default: MODEL/../evaluation)")
+    parser.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=None,
+                        help="native-resolution tiles (default: the model's mode); --no-tiling resizes")
+    parser.add_argument("--tta", action="store_true", help="test-time flips")
+    parser.add_argument("--tune", action="store_true", help="tune thresholds on validation first")
+    args = parser.parse_args(argv)
+    if args.tune:
+        tune_thresholds(args.model, args.data)
+    out = args.out or args.model.parent / "evaluation"
+    evaluate_model(args.model, args.data, out, args.split, SegmentOptions(tiling=args.tiling, tta=args.tta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The 2018 Data Science Bowl metric, as one standalone module everything reuses.
+
+For one image: at each IoU threshold t in 0.50, 0.55, ..., 0.95 a predicted nucleus matches a
+true one when their IoU exceeds t (for t >= 0.5 a nucleus can match at most one other), and the
+image scores the mean over t of TP / (TP + FP + FN). The data set score is the mean over images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
+
+
+def iou_matrix(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """IoU between every true (rows) and predicted (columns) instance; labels 1..N, 0 background."""
+    true = true.astype(np.int64).ravel()
+    pred = pred.astype(np.int64).ravel()
+    n_true, n_pred = int(true.max(initial=0)), int(pred.max(initial=0))
+    overlap = np.bincount(true * (n_pred + 1) + pred, minlength=(n_true + 1) * (n_pred + 1))
+    overlap = overlap.reshape(n_true + 1, n_pred + 1)
+    area_true = overlap.sum(axis=1, keepdims=True)
+    area_pred = overlap.sum(axis=0, keepdims=True)
+    union = area_true + area_pred - overlap
+    iou = overlap / np.maximum(union, 1)
+    return iou[1:, 1:]
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """Instance metrics of one image."""
+
+    score: float  # DSB2018: mean over thresholds of TP / (TP + FP + FN)
+    ap50: float  # TP / (TP + FP + FN) at IoU 0.5
+    n_true: int
+    n_pred: int
+    pixel_iou: float
+    dice: float
+
+
+def precision_at(iou: np.ndarray, threshold: float) -> tuple[int, int, int]:
+    """(TP, FP, FN) at one IoU threshold."""
+    matches = iou > threshold
+    tp = int(np.count_nonzero(matches.any(axis=1)))
+    fn = iou.shape[0] - tp
+    fp = iou.shape[1] - int(np.count_nonzero(matches.any(axis=0)))
+    return tp, fp, fn
+
+
+def score_image(true: np.ndarray, pred: np.ndarray) -> ImageScore:
+    """All metrics of one prediction against the truth (both instance label images)."""
+    if true.shape != pred.shape:
+        raise ValueError(f"shape mismatch: truth {true.shape} vs prediction {pred.shape}")
+    iou = iou_matrix(true, pred)
+    n_true, n_pred = iou.shape
+    ratios = []
+    for t in THRESHOLDS:
+        tp, fp, fn = precision_at(iou, t)
+        ratios.append(1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn))
+    fg_true, fg_pred = true > 0, pred > 0
+    inter = np.count_nonzero(fg_true & fg_pred)
+    union = np.count_nonzero(fg_true | fg_pred)
+    total = np.count_nonzero(fg_true) + np.count_nonzero(fg_pred)
+    return ImageScore(
+        score=float(np.mean(ratios)),
+        ap50=float(ratios[0]),
+        n_true=n_true,
+        n_pred=n_pred,
+        pixel_iou=1.0 if union == 0 else inter / union,
+        dice=1.0 if total == 0 else 2.0 * inter / total,
+    )
+
+
+def dsb_score(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Mean DSB2018 score over (truth, prediction) pairs."""
+    return float(np.mean([score_image(t, p).score for t, p in pairs])) if pairs else float("nan")
