@@ -10,8 +10,18 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-#: The model shipped with the repository, served when no other is configured.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
+def default_model_dir() -> Path:
+    """The model shipped with the repository: beside the source tree, else ``./models/default``.
+
+    The first works from a clone (editable install); the second when the package was installed
+    into site-packages and the command runs from the clone's root.
+    """
+    beside_source = Path(__file__).resolve().parent.parent / "models" / "default"
+    in_cwd = Path.cwd() / "models" / "default"
+    return beside_source if beside_source.is_dir() or not in_cwd.is_dir() else in_cwd
+
+
+DEFAULT_MODEL_DIR = default_model_dir()
 
 
 class Settings(BaseSettings):

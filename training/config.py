@@ -30,6 +30,7 @@ class TrainConfig:
     # model
     encoder_weights: str = "imagenet"  # "imagenet", "none", or a path to a .weights.h5 file
     fine_tune: bool = False
+    fine_tune_from: str | None = None  # first encoder layer to train (earlier, high-resolution ones stay frozen)
     decoder_filters: tuple[int, ...] = (512, 256, 128, 64)
     dropout: float = 0.0
     # optimisation
@@ -37,6 +38,7 @@ class TrainConfig:
     batch_size: int = 64
     steps_per_epoch: int | None = None  # None: one pass over the training split
     learning_rate: float = 1e-3
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 5% over the whole run
     boundary_weight: float = 1.0  # loss weight of boundary pixels (3-class target)
     # augmentation
     rotation: float = 0.1  # fraction of a full turn, as keras.layers.RandomRotation
@@ -78,11 +80,13 @@ PRESETS: dict[str, TrainConfig] = {
         target="boundary",
         canonical_diameter=20.0,
         fine_tune=True,
+        fine_tune_from="block_3_expand",  # measured: 0.91 s/step vs 1.22 s/step for the whole encoder
         dropout=0.0,
-        epochs=40,
+        epochs=24,
         batch_size=8,
         steps_per_epoch=200,
-        learning_rate=5e-4,
+        learning_rate=1e-3,
+        lr_schedule="cosine",
         boundary_weight=2.0,
         rotation=0.5,
         zoom=0.5,

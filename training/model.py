@@ -59,6 +59,13 @@ def build_encoder(config: TrainConfig, input_shape: tuple[int | None, int | None
     outputs = [base.get_layer(name).output for name in (*SKIP_LAYERS, BOTTLENECK_LAYER)]
     encoder = keras.Model(inputs=base.input, outputs=outputs, name="mobilenetv2_encoder")
     encoder.trainable = config.fine_tune
+    if config.fine_tune and config.fine_tune_from:
+        names = [layer.name for layer in base.layers]
+        if config.fine_tune_from not in names:
+            raise ValueError(f"fine_tune_from: no encoder layer named {config.fine_tune_from!r}")
+        first = names.index(config.fine_tune_from)
+        for layer in base.layers[:first]:
+            layer.trainable = False  # backprop stops here: the costly full-resolution layers stay fixed
     return encoder
 
 

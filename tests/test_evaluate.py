@@ -1,0 +1,47 @@
+"""Evaluation CLI and threshold tuning on the tiny synthetic data set."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from service.model import SegmentationModel
+from service.pipeline import segment
+from training.data import load_dataset
+from training.evaluate import main as evaluate_main
+from training.evaluate import tune_thresholds
+from training.matching import score_image
+
+
+def test_evaluate_writes_report_and_scores_the_service_path(tile_model_dir: Path, dataset_dir: Path, tmp_path: Path):
+    out = tmp_path / "eval"
+    evaluate_main(["--model", str(tile_model_dir), "--data", str(dataset_dir), "--out", str(out)])
+    for name in ("report.md", "per_image.csv", "worst.png", "summary.json"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "per_image.csv").open()))
+    meta = json.loads((tile_model_dir / "metadata.json").read_text())
+    assert [r["id"] for r in rows] == meta["split"]["validation_ids"]
+    # the report's number is the score of what the service's segment() returns
+    model = SegmentationModel.load(tile_model_dir)
+    samples = {s.id: s for s in load_dataset(dataset_dir).samples}
+    first = samples[rows[0]["id"]]
+    expected = score_image(first.labels, segment(first.image, model).labels).score
+    assert float(rows[0]["score"]) == round(expected, 4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["dsb_score"] <= 1.0 and summary["images"] == len(rows)
+
+
+def test_tune_thresholds_stores_them_in_metadata(tile_run: Path, dataset_dir: Path, tmp_path: Path):
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tile_run / "model", model_dir)
+    chosen = tune_thresholds(model_dir, dataset_dir)
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    assert meta["postprocess"]["foreground_threshold"] == chosen["foreground_threshold"]
+    assert "tuned_on" in meta["postprocess"]
+    assert SegmentationModel.load(model_dir).spec.postprocess.seed_threshold == chosen["seed_threshold"]
+    assert np.isfinite(chosen["seed_threshold"])
