@@ -7,8 +7,12 @@ post-process) and ``service.encode``, run off the event loop in a worker thread.
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import logging
+import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from enum import Enum
 from pathlib import PurePath
 from typing import Annotated, Any, AsyncIterator
@@ -17,14 +21,18 @@ import numpy as np
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import __version__
 from service.config import Settings, get_settings
 from service.decode import DecodeError, TooLargeError, decode_image
 from service.encode import labels_png, mask_png, overlay_png, rle_document, submission_csv
+from service.batching import MicroBatcher, Overloaded
+from service.metrics import Metrics
 from service.model import ModelLoadError, SegmentationModel
-from service.pipeline import SegmentOptions, segment
+from service.pipeline import DeadlineExceeded, SegmentOptions, segment
 
 log = logging.getLogger("nuclei_seg")
 
@@ -42,10 +50,12 @@ class BatchFormat(str, Enum):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "An API key is configured and the request did not carry it."},
     413: {"description": "Upload over the byte limit, or image over the pixel limit (decompression bombs included)."},
     415: {"description": "The upload is not an image format we read (PNG, JPEG, TIFF, BMP, GIF, WebP)."},
     422: {"description": "Corrupt, truncated or empty image, unsupported channel layout, or invalid parameters."},
-    503: {"description": "The model is not loaded and warmed yet."},
+    503: {"description": "The model is not loaded yet, or the server is busy (retry after `Retry-After` seconds)."},
+    504: {"description": "The request took longer than the configured time limit."},
 }
 PNG_RESPONSE = {"content": {"image/png": {}}, "description": "PNG image of the input's height and width."}
 RLE_EXAMPLE = {
@@ -58,15 +68,39 @@ RLE_EXAMPLE = {
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Load (unless injected) and warm the model once per process before serving."""
+    """Load (unless injected) and warm the model once per process, attach the batcher, then serve."""
     settings: Settings = app.state.settings
+    configure_tensorflow_threads(settings)
     if app.state.model is None:
         app.state.model = await run_in_threadpool(SegmentationModel.load, settings.model_dir)
-    await run_in_threadpool(app.state.model.warm)
+    model: SegmentationModel = app.state.model
+    await run_in_threadpool(model.warm)
+    batcher = MicroBatcher(model.predict_now, settings.batch_max_size, settings.batch_max_wait_ms,
+                           settings.max_queue_tiles, on_batch=app.state.metrics.observe_batch)
+    model.attach_batcher(batcher)
     app.state.ready = True
-    log.info("model %s loaded and warmed", app.state.model.model_dir)
-    yield
-    app.state.ready = False
+    log.info("model %s loaded and warmed", model.model_dir)
+    if not settings.api_key:
+        log.warning("no API key set (NUCLEI_API_KEY): the service is open to every client")
+    try:
+        yield
+    finally:
+        app.state.ready = False
+        model.attach_batcher(None)
+        batcher.close()
+
+
+def configure_tensorflow_threads(settings: Settings) -> None:
+    """Apply the TF thread settings; TensorFlow accepts them only before its first operation."""
+    import tensorflow as tf
+
+    try:
+        if settings.tf_intra_op_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(settings.tf_intra_op_threads)
+        if settings.tf_inter_op_threads:
+            tf.config.threading.set_inter_op_parallelism_threads(settings.tf_inter_op_threads)
+    except RuntimeError:
+        log.warning("TensorFlow already initialised: thread settings apply from the next start")
 
 
 def create_app(settings: Settings | None = None, model: SegmentationModel | None = None) -> FastAPI:
@@ -82,12 +116,36 @@ def create_app(settings: Settings | None = None, model: SegmentationModel | None
         ),
         lifespan=lifespan,
     )
-    app.state.settings = settings or get_settings()
+    app.state.settings = settings = settings or get_settings()
     app.state.model = model
     app.state.ready = False
+    app.state.metrics = Metrics()
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"])
+    _install_metrics_middleware(app)
     _install_error_handlers(app)
     _install_routes(app)
     return app
+
+
+def _install_metrics_middleware(app: FastAPI) -> None:
+    metrics: Metrics = app.state.metrics
+
+    @app.middleware("http")
+    async def record(request: Request, call_next):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            metrics.requests.labels(path, str(status)).inc()
+            metrics.latency.labels(path).observe(time.perf_counter() - start)
+            metrics.queue_depth.set(_queued(app))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -102,6 +160,25 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(status_code=500, content={"detail": "internal error"})
 
 
+def _queued(app: FastAPI) -> int:
+    model = app.state.model
+    return model.batcher.queued_tiles if model is not None and model.batcher is not None else 0
+
+
+def require_api_key(request: Request) -> None:
+    """Dependency: when an API key is configured, demand it (constant-time comparison)."""
+    key = request.app.state.settings.api_key
+    if not key:
+        return
+    supplied = request.headers.get("x-api-key") or ""
+    auth = request.headers.get("authorization") or ""
+    if auth.lower().startswith("bearer "):
+        supplied = supplied or auth[7:].strip()
+    if not hmac.compare_digest(supplied.encode(), key.encode()):
+        raise HTTPException(status_code=401, detail="missing or wrong API key",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
 def get_model(request: Request) -> SegmentationModel:
     """Dependency: the process's model, or 503 while it is not ready."""
     if not request.app.state.ready or request.app.state.model is None:
@@ -114,6 +191,7 @@ def get_app_settings(request: Request) -> Settings:
 
 
 ModelDep = Annotated[SegmentationModel, Depends(get_model)]
+AuthDep = Annotated[None, Depends(require_api_key)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
@@ -139,10 +217,34 @@ def decode_or_raise(data: bytes, settings: Settings, name: str | None) -> np.nda
 
 
 def run_segmentation(data: bytes, name: str | None, model: SegmentationModel, settings: Settings,
-                     options: SegmentOptions) -> tuple[np.ndarray, np.ndarray]:
+                     options: SegmentOptions, metrics: Metrics) -> tuple[np.ndarray, np.ndarray]:
     """decode -> segment, in a worker thread; returns (image, labels)."""
     image = decode_or_raise(data, settings, name)
-    return image, segment(image, model, options).labels
+    labels = segment(image, model, options).labels
+    metrics.images.inc()
+    metrics.megapixels.inc(image.shape[0] * image.shape[1] / 1e6)
+    return image, labels
+
+
+async def segment_upload(request: Request, data: bytes, name: str | None, model: SegmentationModel,
+                         options: SegmentOptions) -> tuple[np.ndarray, np.ndarray]:
+    """Run :func:`run_segmentation` off the event loop within the request time limit.
+
+    Overload (full model queue) is 503 with Retry-After; running out of time is 504, and the
+    deadline in ``options`` makes the worker thread drop its remaining model calls.
+    """
+    settings: Settings = request.app.state.settings
+    timeout = settings.request_timeout_s
+    options = replace(options, deadline=time.monotonic() + timeout)
+    try:
+        return await asyncio.wait_for(
+            run_in_threadpool(run_segmentation, data, name, model, settings, options, request.app.state.metrics),
+            timeout)
+    except Overloaded:
+        raise HTTPException(status_code=503, detail="server busy: too much work queued, retry shortly",
+                            headers={"Retry-After": "1"}) from None
+    except (asyncio.TimeoutError, DeadlineExceeded):
+        raise HTTPException(status_code=504, detail=f"request took longer than {timeout:g} s") from None
 
 
 def image_id(filename: str | None, index: int) -> str:
@@ -162,6 +264,10 @@ def _install_routes(app: FastAPI) -> None:
         ready = bool(request.app.state.ready)
         return JSONResponse(status_code=200 if ready else 503, content={"ready": ready})
 
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics.", response_class=PlainTextResponse)
+    async def metrics(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/model", tags=["model"], summary="The served model's metadata.json plus the service version.",
              responses={503: ERROR_RESPONSES[503]})
     async def model_info(model: ModelDep) -> dict[str, Any]:
@@ -179,6 +285,8 @@ def _install_routes(app: FastAPI) -> None:
         },
     )
     async def segment_image(
+        request: Request,
+        _: AuthDep,
         model: ModelDep,
         settings: SettingsDep,
         file: Annotated[UploadFile, File(description="The image (PNG, JPEG, TIFF, BMP, GIF or WebP).")],
@@ -194,7 +302,7 @@ def _install_routes(app: FastAPI) -> None:
     ) -> Response:
         data = await read_upload(file, settings)
         options = SegmentOptions(tiling=tiling, tta=tta, min_size=min_size, tile_batch_size=settings.tile_batch_size)
-        image, labels = await run_in_threadpool(run_segmentation, data, file.filename, model, settings, options)
+        image, labels = await segment_upload(request, data, file.filename, model, options)
         return await run_in_threadpool(encode_response, image, labels, format)
 
     @app.post(
@@ -207,6 +315,8 @@ def _install_routes(app: FastAPI) -> None:
                    **ERROR_RESPONSES},
     )
     async def segment_batch(
+        request: Request,
+        _: AuthDep,
         model: ModelDep,
         settings: SettingsDep,
         files: Annotated[list[UploadFile], File(description="The images, as repeated `files` fields.")],
@@ -221,7 +331,7 @@ def _install_routes(app: FastAPI) -> None:
         payloads = [(upload.filename, await read_upload(upload, settings)) for upload in files]
         documents = []
         for index, (name, data) in enumerate(payloads):
-            image, labels = await run_in_threadpool(run_segmentation, data, name, model, settings, options)
+            image, labels = await segment_upload(request, data, name, model, options)
             document = await run_in_threadpool(rle_document, labels, image)
             documents.append((image_id(name, index), {"filename": name, **document}))
         if format is BatchFormat.csv:

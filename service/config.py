@@ -36,7 +36,15 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Largest accepted upload, in bytes.")
     max_pixels: int = Field(50_000_000, ge=1, description="Largest accepted image, in pixels (declared size).")
     max_batch_files: int = Field(64, ge=1, description="Most files accepted by /segment/batch.")
-    tile_batch_size: int = Field(8, ge=1, description="Tiles per model call; bounds peak memory.")
+    tile_batch_size: int = Field(8, ge=1, description="Tiles one request hands to the model at a time; bounds memory.")
+    batch_max_size: int = Field(8, ge=1, description="Most tiles in one model call (dynamic batching).")
+    batch_max_wait_ms: float = Field(2.0, ge=0, description="How long a model call waits for more tiles to batch.")
+    max_queue_tiles: int = Field(256, ge=1, description="Tiles allowed to wait for the model; beyond it, 503.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Per-request time limit; beyond it, 504 and the work is dropped.")
+    tf_intra_op_threads: int = Field(0, ge=0, description="TensorFlow intra-op threads (0: TensorFlow's choice).")
+    tf_inter_op_threads: int = Field(0, ge=0, description="TensorFlow inter-op threads (0: TensorFlow's choice).")
+    api_key: str | None = Field(None, description="If set, /segment* require 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.")
+    cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins (none: CORS off).")
     log_level: str = Field("info", description="Uvicorn log level.")
 
 

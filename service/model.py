@@ -11,11 +11,14 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from service.postprocess import PostprocessParams
+
+if TYPE_CHECKING:
+    from service.batching import MicroBatcher
 
 METADATA_FILE = "metadata.json"
 SIGNATURE = "serving_default"
@@ -69,6 +72,7 @@ class SegmentationModel:
         self.spec = spec
         self._fn = fn
         self._lock = threading.Lock()
+        self.batcher: MicroBatcher | None = None
 
     @classmethod
     def load(cls, model_dir: Path | str) -> "SegmentationModel":
@@ -100,7 +104,7 @@ class SegmentationModel:
     def _check_signature(self) -> None:
         size = self.spec.image_size
         try:
-            out = self.predict(np.zeros((1, size, size, 3), np.uint8))
+            out = self.predict_now(np.zeros((1, size, size, 3), np.uint8))
         except Exception as exc:
             raise ModelLoadError(f"model in {self.model_dir} failed a test prediction: {exc}") from None
         if out.shape != (1, size, size, self.spec.num_classes):
@@ -110,15 +114,29 @@ class SegmentationModel:
             )
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """``(N, H, W, 3) uint8`` -> ``(N, H, W, C) float32`` class probabilities."""
+        """``(N, H, W, 3) uint8`` -> ``(N, H, W, C) float32`` class probabilities.
+
+        Goes through the micro-batcher when one is attached (the server), straight to the
+        network otherwise (evaluation, tests).
+        """
+        if self.batcher is not None:
+            return self.batcher.predict(batch)
+        return self.predict_now(batch)
+
+    def predict_now(self, batch: np.ndarray) -> np.ndarray:
+        """Run the network on ``batch`` in the calling thread."""
         import tensorflow as tf
 
         with self._lock:
             result = self._fn(images=tf.constant(batch, dtype=tf.uint8))
         return next(iter(result.values())).numpy()
 
+    def attach_batcher(self, batcher: "MicroBatcher | None") -> None:
+        """Route :meth:`predict` through ``batcher`` (built on :meth:`predict_now`), or stop doing so."""
+        self.batcher = batcher
+
     def warm(self, repeats: int = 2) -> None:
         """Run the shapes requests will use, so the first request does not pay for tracing."""
         size = self.spec.image_size
         for _ in range(repeats):
-            self.predict(np.zeros((1, size, size, 3), np.uint8))
+            self.predict_now(np.zeros((1, size, size, 3), np.uint8))

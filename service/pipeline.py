@@ -7,6 +7,8 @@ evaluation both call :func:`segment`, so the numbers we report are the numbers u
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -19,6 +21,8 @@ from service.tiling import predict_tiled
 #: Scale factors applied to reach the canonical nucleus size are kept within these bounds
 #: (upscaling costs time quadratically; beyond 4x down, nuclei are bigger than any training crop).
 SCALE_LIMITS = (0.25, 2.0)
+#: Upscaling never makes the working image larger than this (memory and time stay bounded).
+MAX_UPSCALED_PIXELS = 16_000_000
 #: A first-pass scale estimate within this band of 1 is accepted without a second pass.
 SCALE_TOLERANCE = (0.8, 1.25)
 
@@ -32,6 +36,11 @@ class SegmentOptions:
     min_size: int | None = None  # drop nuclei smaller than this many pixels
     tile_batch_size: int = 8
     auto_scale: bool = True  # rescale to the canonical nucleus size (tile mode, when the model has one)
+    deadline: float | None = None  # time.monotonic() after which the work is abandoned
+
+
+class DeadlineExceeded(TimeoutError):
+    """The request's time budget ran out; remaining model calls were skipped."""
 
 
 @dataclass
@@ -59,7 +68,8 @@ def segment(image: np.ndarray, model: SegmentationModel, options: SegmentOptions
     if options.auto_scale and spec.canonical_diameter:
         for _ in range(2):  # a far-off first estimate is refined once more
             proposed = rescale_factor(labels, spec.canonical_diameter) * scale
-            proposed = float(np.clip(proposed, *SCALE_LIMITS))
+            upper = max(1.0, min(SCALE_LIMITS[1], (MAX_UPSCALED_PIXELS / image.shape[0] / image.shape[1]) ** 0.5))
+            proposed = float(np.clip(proposed, SCALE_LIMITS[0], upper))
             if SCALE_TOLERANCE[0] <= proposed / scale <= SCALE_TOLERANCE[1]:
                 break
             scale = proposed
@@ -84,7 +94,7 @@ def probabilities_at(image: np.ndarray, model: SegmentationModel, size: tuple[in
     """
     height, width = image.shape[:2]
     work = image if size is None or size == (height, width) else resize(image, size)
-    predict = model.predict if not options.tta else (lambda batch: predict_flips(model, batch))
+    predict = predictor(model, options)
     if tiled:
         probs = predict_tiled(work, predict, model.spec.image_size, model.spec.tile_overlap,
                               options.tile_batch_size, model.spec.num_classes)
@@ -93,6 +103,20 @@ def probabilities_at(image: np.ndarray, model: SegmentationModel, size: tuple[in
     if probs.shape[:2] != (height, width):
         probs = resize(probs, (height, width))
     return probs
+
+
+def predictor(model: SegmentationModel, options: SegmentOptions) -> Callable[[np.ndarray], np.ndarray]:
+    """The model call for these options: plain or flip-averaged, and checking the deadline first."""
+    predict = model.predict if not options.tta else (lambda batch: predict_flips(model, batch))
+    if options.deadline is None:
+        return predict
+
+    def guarded(batch: np.ndarray) -> np.ndarray:
+        if time.monotonic() > options.deadline:
+            raise DeadlineExceeded("request time limit reached")
+        return predict(batch)
+
+    return guarded
 
 
 def predict_flips(model: SegmentationModel, batch: np.ndarray) -> np.ndarray:

@@ -35,10 +35,11 @@ def loaded_model(tile_model_dir) -> SegmentationModel:
     return SegmentationModel.load(tile_model_dir)
 
 
-@pytest.fixture()
-def client(loaded_model, tile_model_dir):
-    settings = Settings(model_dir=tile_model_dir, max_upload_bytes=2_000_000, max_pixels=4_000_000, max_batch_files=4)
-    app = create_app(settings, loaded_model)
+def make_client(model: SegmentationModel, model_dir, **overrides):
+    """A function (method, url, **kwargs) -> response against a fresh app in its lifespan."""
+    settings = Settings(model_dir=model_dir, max_upload_bytes=2_000_000, max_pixels=4_000_000, max_batch_files=4,
+                        **overrides)
+    app = create_app(settings, model)
     transport = httpx.ASGITransport(app=app)
 
     async def run(method: str, url: str, **kwargs) -> httpx.Response:
@@ -52,6 +53,11 @@ def client(loaded_model, tile_model_dir):
         return anyio.run(lambda: run(method, url, **kwargs))
 
     return call
+
+
+@pytest.fixture()
+def client(loaded_model, tile_model_dir):
+    return make_client(loaded_model, tile_model_dir)
 
 
 def upload(data: bytes, name: str = "cells.png", ctype: str = "image/png") -> dict:
@@ -197,3 +203,68 @@ def test_openapi_documents_every_parameter(client):
     assert {"200", "413", "415", "422", "503"} <= set(op["responses"])
     assert client("GET", "/docs").status_code == 200
     json.dumps(schema)
+
+
+def test_metrics_count_requests_and_batches(client, sample_image):
+    client("POST", "/segment", **upload(png(sample_image)))
+    text = client("GET", "/metrics").text
+    assert "nuclei_requests_total" in text and "nuclei_model_batch_tiles_bucket" in text
+    assert "nuclei_queue_tiles" in text and "nuclei_megapixels_total" in text
+
+
+def test_metrics_reflect_traffic_within_one_app(loaded_model, tile_model_dir, sample_image):
+    settings = Settings(model_dir=tile_model_dir)
+    app = create_app(settings, loaded_model)
+    import anyio
+
+    async def run():
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                await c.post("/segment", files={"file": ("a.png", png(sample_image), "image/png")})
+                await c.post("/segment", files={"file": ("a.png", b"junk", "image/png")})
+                return (await c.get("/metrics")).text
+
+    text = anyio.run(run)
+    assert 'nuclei_requests_total{route="/segment",status="200"} 1.0' in text
+    assert 'nuclei_requests_total{route="/segment",status="415"} 1.0' in text
+    assert "nuclei_images_total 1.0" in text
+
+
+def test_api_key_guards_segment_but_not_health(loaded_model, tile_model_dir, sample_image):
+    call = make_client(loaded_model, tile_model_dir, api_key="s3cret")
+    body = upload(png(sample_image[:64, :64]))
+    assert call("POST", "/segment", **body).status_code == 401
+    assert call("POST", "/segment", headers={"X-API-Key": "wrong"}, **body).status_code == 401
+    assert call("POST", "/segment", headers={"X-API-Key": "s3cret"}, **body).status_code == 200
+    assert call("POST", "/segment", headers={"Authorization": "Bearer s3cret"}, **body).status_code == 200
+    assert call("GET", "/healthz").status_code == 200 and call("GET", "/readyz").status_code == 200
+
+
+def test_cors_is_off_unless_configured(loaded_model, tile_model_dir):
+    headers = {"Origin": "https://example.org", "Access-Control-Request-Method": "POST"}
+    off = make_client(loaded_model, tile_model_dir)("OPTIONS", "/segment", headers=headers)
+    assert "access-control-allow-origin" not in off.headers
+    on = make_client(loaded_model, tile_model_dir, cors_origins=["https://example.org"])("OPTIONS", "/segment",
+                                                                                        headers=headers)
+    assert on.headers.get("access-control-allow-origin") == "https://example.org"
+
+
+def test_timeout_gives_504_and_overload_gives_503(loaded_model, tile_model_dir, sample_image, monkeypatch):
+    import time as _time
+
+    slow = make_client(loaded_model, tile_model_dir, request_timeout_s=0.05)
+    original = loaded_model.predict_now
+    monkeypatch.setattr(loaded_model, "predict_now", lambda b: (_time.sleep(0.2), original(b))[1])
+    r = slow("POST", "/segment", **upload(png(sample_image)))
+    assert r.status_code == 504 and "longer than" in r.json()["detail"]
+    monkeypatch.setattr(loaded_model, "predict_now", original)
+
+    from service.batching import Overloaded
+
+    def overloaded(batch):
+        raise Overloaded("full")
+
+    busy = make_client(loaded_model, tile_model_dir)
+    monkeypatch.setattr(loaded_model, "predict", overloaded)
+    r = busy("POST", "/segment", **upload(png(sample_image)))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"

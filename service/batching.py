@@ -1,0 +1,128 @@
+"""Dynamic micro-batching: gather the tiles of concurrent requests into one model call.
+
+On a small CPU box, one model call on 8 tiles costs much less than 8 calls on one tile, and
+concurrent calls only fight over the same cores. So every request thread hands its tiles to
+one worker thread, which waits at most ``max_wait_ms`` for more work of the same tile shape, runs
+up to ``max_batch`` tiles at once, and hands each caller its slice of the result. Decoding,
+post-processing and encoding stay in the request threads and overlap with the model.
+
+The queue is bounded: when ``max_queue`` tiles are already waiting, :class:`Overloaded` is raised
+at once so the HTTP layer can answer 503 instead of piling up work until memory runs out.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PredictFn = Callable[[np.ndarray], np.ndarray]
+
+
+class Overloaded(RuntimeError):
+    """The batch queue is full; the caller should retry later."""
+
+
+@dataclass(eq=False)  # identity semantics: jobs are removed from the queue by identity
+class _Job:
+    tiles: np.ndarray
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    """One worker thread that batches same-shape tile arrays for ``predict``."""
+
+    def __init__(self, predict: PredictFn, max_batch: int = 8, max_wait_ms: float = 2.0, max_queue: int = 4096,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
+        self._predict = predict
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self._on_batch = on_batch
+        self._jobs: deque[_Job] = deque()
+        self._queued_tiles = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="model-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued_tiles(self) -> int:
+        return self._queued_tiles
+
+    def predict(self, tiles: np.ndarray) -> np.ndarray:
+        """Blocking: class probabilities of ``tiles`` ``(N, H, W, 3) uint8``, computed in a shared batch."""
+        return self.submit(tiles).result()
+
+    def submit(self, tiles: np.ndarray) -> Future:
+        job = _Job(np.ascontiguousarray(tiles))
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("batcher is closed")
+            if self._queued_tiles + len(tiles) > self.max_queue and self._queued_tiles > 0:
+                raise Overloaded(f"{self._queued_tiles} tiles already queued (limit {self.max_queue})")
+            self._jobs.append(job)
+            self._queued_tiles += len(tiles)
+            self._cond.notify()
+        return job.future
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+
+    def _take_batch(self) -> list[_Job] | None:
+        """Wait for work, then collect same-shape jobs up to ``max_batch`` tiles or ``max_wait``."""
+        with self._cond:
+            while not self._jobs and not self._closed:
+                self._cond.wait()
+            if not self._jobs:
+                return None
+            first = self._jobs.popleft()
+            batch, count = [first], len(first.tiles)
+            deadline = time.perf_counter() + self.max_wait
+            shape = first.tiles.shape[1:]
+            while count < self.max_batch:
+                match = next((j for j in self._jobs if j.tiles.shape[1:] == shape
+                              and count + len(j.tiles) <= self.max_batch), None)
+                if match is not None:
+                    self._jobs.remove(match)
+                    batch.append(match)
+                    count += len(match.tiles)
+                    continue
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or self._closed:
+                    break
+                self._cond.wait(remaining)
+            self._queued_tiles -= count
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            tiles = np.concatenate([job.tiles for job in live]) if len(live) > 1 else live[0].tiles
+            start = time.perf_counter()
+            try:
+                probs = self._predict(tiles)
+            except BaseException as exc:  # deliver the failure to every caller, keep serving
+                for job in live:
+                    job.future.set_exception(exc)
+                continue
+            if self._on_batch:
+                self._on_batch(len(tiles), time.perf_counter() - start)
+            offset = 0
+            for job in live:
+                job.future.set_result(probs[offset:offset + len(job.tiles)])
+                offset += len(job.tiles)

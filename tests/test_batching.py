@@ -1,0 +1,91 @@
+"""Dynamic micro-batching: concurrent callers share model calls and get their own results back."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.batching import MicroBatcher, Overloaded
+
+
+class FakeModel:
+    """Returns each tile's mean as its 'probability' and records the batch sizes it saw."""
+
+    def __init__(self, delay: float = 0.02) -> None:
+        self.batches: list[int] = []
+        self.delay = delay
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        self.batches.append(len(tiles))
+        time.sleep(self.delay)
+        return tiles.astype(np.float32) + 0.5
+
+
+def test_concurrent_requests_are_batched_and_split_back():
+    model = FakeModel()
+    batcher = MicroBatcher(model, max_batch=8, max_wait_ms=20)
+    try:
+        inputs = [np.full((1, 4, 4, 3), i, np.uint8) for i in range(16)]
+        with ThreadPoolExecutor(16) as pool:
+            outputs = list(pool.map(batcher.predict, inputs))
+        for i, out in enumerate(outputs):
+            assert out.shape == (1, 4, 4, 3) and np.all(out == i + 0.5)
+        assert max(model.batches) > 1 and sum(model.batches) == 16 and max(model.batches) <= 8
+    finally:
+        batcher.close()
+
+
+def test_different_tile_shapes_are_never_mixed():
+    model = FakeModel()
+    batcher = MicroBatcher(model, max_batch=8, max_wait_ms=20)
+    try:
+        inputs = [np.zeros((1, 4 + 4 * (i % 2), 4, 3), np.uint8) for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            outputs = list(pool.map(batcher.predict, inputs))
+        assert [o.shape[1] for o in outputs] == [4, 8] * 4
+    finally:
+        batcher.close()
+
+
+def test_full_queue_refuses_at_once():
+    gate = threading.Event()
+
+    def slow(tiles):
+        gate.wait(5)
+        return tiles.astype(np.float32)
+
+    batcher = MicroBatcher(slow, max_batch=1, max_wait_ms=0, max_queue=2)
+    try:
+        running = batcher.submit(np.zeros((1, 2, 2, 3), np.uint8))
+        time.sleep(0.05)  # the worker has taken the first job and is blocked
+        queued = [batcher.submit(np.zeros((1, 2, 2, 3), np.uint8)) for _ in range(2)]
+        with pytest.raises(Overloaded):
+            batcher.submit(np.zeros((1, 2, 2, 3), np.uint8))
+        gate.set()
+        assert running.result(5).shape == (1, 2, 2, 3)
+        assert all(f.result(5) is not None for f in queued)
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_model_errors_reach_the_caller_and_the_worker_survives():
+    calls = []
+
+    def flaky(tiles):
+        calls.append(len(tiles))
+        if len(calls) == 1:
+            raise ValueError("boom")
+        return tiles.astype(np.float32)
+
+    batcher = MicroBatcher(flaky, max_batch=4, max_wait_ms=0)
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            batcher.predict(np.zeros((1, 2, 2, 3), np.uint8))
+        assert batcher.predict(np.zeros((2, 2, 2, 3), np.uint8)).shape == (2, 2, 2, 3)
+    finally:
+        batcher.close()
