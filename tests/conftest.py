@@ -40,3 +40,10 @@ def tile_run(dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @pytest.fixture(scope="session")
 def tile_model_dir(tile_run: Path) -> Path:
     return tile_run / "model"
+
+
+@pytest.fixture(scope="session")
+def loaded_model(tile_model_dir: Path):
+    from service.model import SegmentationModel
+
+    return SegmentationModel.load(tile_model_dir)

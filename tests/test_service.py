@@ -14,14 +14,8 @@ from service.app import create_app
 from service.config import Settings
 from service.encode import rle_decode
 from service.model import SegmentationModel
+from tests.client import make_client, png, upload
 from tests.synthetic import random_labels, render
-
-
-def png(array: np.ndarray, mode: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    image = Image.fromarray(array)
-    (image.convert(mode) if mode else image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -30,38 +24,9 @@ def sample_image() -> np.ndarray:
     return render(random_labels(rng, (333, 517), 30, 7), rng)
 
 
-@pytest.fixture(scope="module")
-def loaded_model(tile_model_dir) -> SegmentationModel:
-    return SegmentationModel.load(tile_model_dir)
-
-
-def make_client(model: SegmentationModel, model_dir, **overrides):
-    """A function (method, url, **kwargs) -> response against a fresh app in its lifespan."""
-    settings = Settings(model_dir=model_dir, max_upload_bytes=2_000_000, max_pixels=4_000_000, max_batch_files=4,
-                        **overrides)
-    app = create_app(settings, model)
-    transport = httpx.ASGITransport(app=app)
-
-    async def run(method: str, url: str, **kwargs) -> httpx.Response:
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-                return await c.request(method, url, **kwargs)
-
-    import anyio
-
-    def call(method: str, url: str, **kwargs) -> httpx.Response:
-        return anyio.run(lambda: run(method, url, **kwargs))
-
-    return call
-
-
 @pytest.fixture()
 def client(loaded_model, tile_model_dir):
     return make_client(loaded_model, tile_model_dir)
-
-
-def upload(data: bytes, name: str = "cells.png", ctype: str = "image/png") -> dict:
-    return {"files": {"file": (name, data, ctype)}}
 
 
 @pytest.mark.parametrize("fmt", ["png", "labels", "overlay"])
