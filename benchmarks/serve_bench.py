@@ -12,139 +12,15 @@ time of one request goes.
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import re
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import numpy as np
-from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data" / "dsb2018" / "stage1_train"
-
-
-# ---------------------------------------------------------------- inputs
-def real_images(count: int, size: int = 256) -> tuple[list[np.ndarray], str]:
-    """``count`` real DSB2018 images of ``size`` squared (fluorescence mostly), else generated ones."""
-    if SHARED.is_dir():
-        from service.decode import decode_image
-
-        images = []
-        for folder in sorted(SHARED.iterdir()):
-            path = folder / "images" / f"{folder.name}.png"
-            with Image.open(path) as im:
-                if im.size != (size, size):
-                    continue
-            images.append(decode_image(path.read_bytes()))
-            if len(images) == count:
-                return images, f"real DSB2018 {size}x{size} images from {SHARED}"
-    rng = np.random.default_rng(0)
-    from tests.synthetic import random_labels, render
-
-    images = [np.repeat(render(random_labels(rng, (size, size), 25, 8), rng)[..., None], 3, -1) for _ in range(count)]
-    return images, f"generated {size}x{size} images (../shared not found)"
-
-
-def big_image(base: np.ndarray, megapixels: float) -> np.ndarray:
-    """A square image of about ``megapixels`` made by tiling a real image (realistic content)."""
-    side = int(round((megapixels * 1e6) ** 0.5))
-    reps = (side // base.shape[0] + 1, side // base.shape[1] + 1, 1)
-    return np.ascontiguousarray(np.tile(base, reps)[:side, :side])
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-# ---------------------------------------------------------------- server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``nuclei-serve`` in a child process; measures cold start to /readyz 200."""
-
-    def __init__(self, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, "NUCLEI_LOG_LEVEL": "warning", **(env or {})}
-        start = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "--port", str(self.port)], env=full_env,
-                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        self.cold_start = time.perf_counter() - start
-
-    def tiles_done(self) -> float:
-        text = httpx.get(self.url + "/metrics").text
-        match = re.search(r"^nuclei_model_batch_tiles_sum (\S+)$", text, re.M)
-        return float(match.group(1)) if match else 0.0
-
-    def mean_batch(self) -> float:
-        text = httpx.get(self.url + "/metrics").text
-        total = float(re.search(r"^nuclei_model_batch_tiles_sum (\S+)$", text, re.M).group(1))
-        count = float(re.search(r"^nuclei_model_batch_tiles_count (\S+)$", text, re.M).group(1))
-        return total / max(count, 1)
-
-    def peak_rss_mb(self) -> float:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def drive(url: str, payloads: list[bytes], concurrency: int, total: int) -> tuple[list[float], float, int]:
-    """Send ``total`` requests with ``concurrency`` clients; (latencies, wall seconds, errors)."""
-    def one(i: int, client: httpx.Client) -> float:
-        start = time.perf_counter()
-        r = client.post(url + "/segment", files={"file": ("x.png", payloads[i % len(payloads)], "image/png")})
-        if r.status_code != 200:
-            raise RuntimeError(f"status {r.status_code}: {r.text[:200]}")
-        return time.perf_counter() - start
-
-    clients = [httpx.Client(timeout=600) for _ in range(concurrency)]
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        futures = [pool.submit(one, i, clients[i % concurrency]) for i in range(total)]
-        latencies, errors = [], 0
-        for f in futures:
-            try:
-                latencies.append(f.result())
-            except RuntimeError:
-                errors += 1
-    wall = time.perf_counter() - start
-    for c in clients:
-        c.close()
-    return latencies, wall, errors
-
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
+from benchmarks.harness import ROOT, Server, big_image, drive, pct, png_bytes, real_images
 
 # ---------------------------------------------------------------- in-process
 def model_alone(model_dir: Path, tile: int, batch_sizes=(1, 2, 4, 8, 16), repeats: int = 5) -> dict[int, float]:
