@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     except ModelLoadError as exc:
         print(f"nuclei-serve: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    exit_quietly_after_graceful_shutdown()
     if settings.workers == 1:
         app = create_app(settings, model)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
@@ -52,6 +54,17 @@ def main(argv: list[str] | None = None) -> None:
                        "NUCLEI_PORT": str(settings.port)})
     uvicorn.run("service.app:create_app", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_level=settings.log_level)
+
+
+def exit_quietly_after_graceful_shutdown() -> None:
+    """Make SIGTERM/SIGINT end the process with status 0 once uvicorn has drained in-flight requests.
+
+    Uvicorn handles the signal itself (stop accepting, finish in-flight requests, run the
+    lifespan shutdown), then re-raises it so the previous handler runs; with the default handler
+    that would kill the process with -SIGTERM. A no-op previous handler lets ``main`` return 0.
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
 
 
 if __name__ == "__main__":
