@@ -123,10 +123,27 @@ def create_app(settings: Settings | None = None, model: SegmentationModel | None
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"])
+    _install_body_limit(app)
     _install_metrics_middleware(app)
     _install_error_handlers(app)
     _install_routes(app)
     return app
+
+
+def _install_body_limit(app: FastAPI) -> None:
+    """Refuse an upload whose declared Content-Length is over the limits before reading its body."""
+    settings: Settings = app.state.settings
+    overhead = 1 << 20  # multipart boundaries and headers
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):  # type: ignore[no-untyped-def]
+        declared = request.headers.get("content-length", "")
+        if request.method == "POST" and declared.isdigit():
+            files = settings.max_batch_files if request.url.path.endswith("/batch") else 1
+            if int(declared) > files * settings.max_upload_bytes + overhead:
+                return JSONResponse(status_code=413, content={
+                    "detail": f"request body of {declared} bytes exceeds the upload limit"})
+        return await call_next(request)
 
 
 def _install_metrics_middleware(app: FastAPI) -> None:
@@ -328,12 +345,12 @@ def _install_routes(app: FastAPI) -> None:
         if len(files) > settings.max_batch_files:
             raise HTTPException(status_code=413, detail=f"{len(files)} files; at most {settings.max_batch_files} per batch")
         options = SegmentOptions(tiling=tiling, tta=tta, min_size=min_size, tile_batch_size=settings.tile_batch_size)
-        payloads = [(upload.filename, await read_upload(upload, settings)) for upload in files]
         documents = []
-        for index, (name, data) in enumerate(payloads):
-            image, labels = await segment_upload(request, data, name, model, options)
+        for index, upload in enumerate(files):  # one image in memory at a time
+            data = await read_upload(upload, settings)
+            image, labels = await segment_upload(request, data, upload.filename, model, options)
             document = await run_in_threadpool(rle_document, labels, image)
-            documents.append((image_id(name, index), {"filename": name, **document}))
+            documents.append((image_id(upload.filename, index), {"filename": upload.filename, **document}))
         if format is BatchFormat.csv:
             return PlainTextResponse(submission_csv(documents), media_type="text/csv")
         return JSONResponse([doc for _, doc in documents])

@@ -148,3 +148,9 @@ def test_api_answers_damaged_files_with_2xx_or_json_4xx(client, data):
     assert r.status_code in (200, 413, 415, 422), r.text[:300]
     if r.status_code != 200:
         assert isinstance(r.json()["detail"], str)
+
+
+def test_declared_body_over_the_limit_is_refused_before_reading(client):
+    r = client("POST", "/segment", content=b"x" * 10, headers={"content-length": str(10**10),
+                                                               "content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 413 and "exceeds" in r.json()["detail"]
