@@ -45,3 +45,21 @@ def test_tune_thresholds_stores_them_in_metadata(tile_run: Path, dataset_dir: Pa
     assert "tuned_on" in meta["postprocess"]
     assert SegmentationModel.load(model_dir).spec.postprocess.seed_threshold == chosen["seed_threshold"]
     assert np.isfinite(chosen["seed_threshold"])
+
+
+def test_report_is_built_from_the_runs(tile_run: Path, dataset_dir: Path, tmp_path: Path):
+    import shutil
+
+    from training.evaluate import evaluate_model
+    from training.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(tile_run, run)
+    evaluate_model(run / "model", dataset_dir, run / "evaluation")
+    out = tmp_path / "shipped"
+    shutil.copytree(run / "model", out)
+    report = write_report(run, run, dataset_dir, out).read_text()
+    summary = json.loads((run / "evaluation" / "summary.json").read_text())
+    assert f"{summary['dsb_score']:.3f}" in report and "use the same split" in report
+    for name in ("overlay_examples.png", "curves.png", "worst.png", "predictions.png"):
+        assert (out / name).is_file()

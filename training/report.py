@@ -1,0 +1,144 @@
+"""Write a shipped model's REPORT.md from its run folders (nothing typed by hand).
+
+    python -m training.report --best runs/best --reference runs/reference \\
+        --data ../shared/data/dsb2018/stage1_train --out models/default
+
+Reads each run's ``metrics.json``, ``model/metadata.json`` and ``evaluation/summary.json``,
+copies the figures next to the report, and draws the overlay figure (the API's own
+``format=overlay`` rendering) for one validation image of each modality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from service.encode import overlay_png
+from service.model import SegmentationModel
+from service.pipeline import segment
+from training.data import list_sample_dirs, load_sample
+from training.evaluate import markdown_table, summary_row
+from training.figures import image_grid
+from training.split import MODALITIES, modality
+
+
+def load_run(run: Path) -> dict:
+    return {
+        "metrics": json.loads((run / "metrics.json").read_text()),
+        "metadata": json.loads((run / "model" / "metadata.json").read_text()),
+        "summary": json.loads((run / "evaluation" / "summary.json").read_text()),
+    }
+
+
+def overlay_figure(model_dir: Path, data_dir: Path, ids: list[str], path: Path) -> list[str]:
+    """Image and API overlay for the first validation image of each modality; returns their ids."""
+    model = SegmentationModel.load(model_dir)
+    by_name = {d.name: d for d in list_sample_dirs(data_dir)}
+    chosen, samples = [], []
+    for wanted in MODALITIES:
+        for sample_id in ids:
+            sample = load_sample(by_name[sample_id])
+            if modality(sample.image) == wanted and sample.labels.max() > 3:
+                chosen.append(sample_id)
+                samples.append(sample)
+                break
+    overlays = [np.asarray(Image.open(io.BytesIO(overlay_png(s.image, segment(s.image, model).labels))))
+                for s in samples]
+    image_grid([[s.image for s in samples], overlays], ["image", "overlay (format=overlay)"], path,
+               col_titles=[modality(s.image) for s in samples])
+    return chosen
+
+
+def write_report(best_run: Path, reference_run: Path, data_dir: Path, out: Path) -> Path:
+    best, ref = load_run(best_run), load_run(reference_run)
+    for name in ("curves.png", "predictions.png"):
+        shutil.copy(best_run / name, out / name)
+    shutil.copy(best_run / "evaluation" / "worst.png", out / "worst.png")
+    val_ids = best["metadata"]["split"]["validation_ids"]
+    chosen = overlay_figure(out, data_dir, val_ids, out / "overlay_examples.png")
+    cfg = best["metadata"]["training_config"]
+    post = best["metadata"]["postprocess"]
+    m = best["metrics"]
+    table = markdown_table([summary_row("reference (128x128 resize, 2 classes)", ref["summary"]),
+                            summary_row("shipped (this model)", best["summary"])])
+    same_split = ref["metadata"]["split"]["validation_ids"] == val_ids
+    text = f"""# Shipped model: U-Net, MobileNetV2 encoder, 3 classes, native-resolution tiles
+
+## Validation scores
+
+{best['summary']['images']} validation images, the fixed split stored in `metadata.json` (seed
+{cfg['seed']}, stratified by modality; never used for training; used only to tune the two
+post-processing thresholds). Scores come from `python -m training.evaluate`, which runs the
+service's own decode -> normalise -> model -> post-process path. Reference and shipped models
+{'use the same split' if same_split else 'use DIFFERENT splits'}.
+
+{table}
+
+DSB2018 score: per image, the mean over IoU thresholds 0.50..0.95 of TP/(TP+FP+FN), averaged over
+images. AP@0.5: that ratio at IoU 0.5. Seconds per megapixel: mean segmentation
+time over the validation images on the 2-core machine, during the evaluation run.
+
+## Data and training
+
+- Data: `{best['metadata']['data']['path']}` ({best['metadata']['data']['images']} images,
+  fingerprint `{best['metadata']['data']['fingerprint']}`), {m['train_images']} training images.
+- Command: `python -m training.train --preset best --data ../shared/data/dsb2018/stage1_train --out runs/best`
+  (reference: `python -m training.train --data ../shared/data/dsb2018/stage1_train --out runs/reference`).
+- Training: {m['epochs']} epochs x {m['steps_per_epoch']} steps of {cfg['batch_size']} random
+  {cfg['image_size']}x{cfg['image_size']} crops; fit {m['fit_seconds'] / 60:.1f} min
+  ({m['train_images_per_second']} crops/s), whole run incl. loading, export, threshold tuning and
+  evaluation is in `metrics.json`. {m['parameters']['trainable']:,} trainable of
+  {m['parameters']['total']:,} parameters.
+- Recipe: every image rescaled so its median nucleus is {cfg['canonical_diameter']} px across;
+  targets background / interior / boundary ({cfg['boundary_width']} px rims, boundary loss weight
+  {cfg['boundary_weight']}); ImageNet MobileNetV2 encoder fine-tuned from `{cfg['fine_tune_from']}`
+  (BatchNorm kept in inference mode); Adam {cfg['learning_rate']} with cosine decay; augmentation:
+  rotation, log-uniform zoom x/÷{1 + cfg['zoom']}, flips, inversion, grayscale, channel shuffle, hue,
+  saturation, contrast, gamma, noise; bright-field and stained-tissue images oversampled (weight
+  1/sqrt(group size)); per-image percentile intensity stretch shared by training and serving.
+- Inference: the image is stretched, run in overlapping {cfg['image_size']}x{cfg['image_size']}
+  tiles with cosine blending, its median nucleus size is measured from the first pass and, when
+  it is off the canonical size, the image is rescaled and run again; a watershed seeded by
+  interior probability > {post['seed_threshold']} over foreground probability > {post['foreground_threshold']}
+  separates touching nuclei; nuclei under {post['min_size']} px are dropped. ({post.get('tuned_on', '')})
+
+## Figures
+
+Validation overlays (ids {', '.join(i[:12] for i in chosen)}), drawn by the API's `format=overlay`:
+
+![overlays](overlay_examples.png)
+
+Training curves (loss and pixel accuracy on 256x256 validation centre crops):
+
+![curves](curves.png)
+
+Validation crops, classes 0 background / 1 interior / 2 boundary:
+
+![predictions](predictions.png)
+
+Worst validation images (truth green, prediction magenta):
+
+![worst](worst.png)
+"""
+    (out / "REPORT.md").write_text(text)
+    return out / "REPORT.md"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--best", type=Path, required=True, help="run folder of the shipped model")
+    parser.add_argument("--reference", type=Path, required=True, help="run folder of the reference model")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="the shipped model folder (models/default)")
+    args = parser.parse_args(argv)
+    print(write_report(args.best, args.reference, args.data, args.out))
+
+
+if __name__ == "__main__":
+    main()
