@@ -182,12 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=None,
                         help="native-resolution tiles (default: the model's mode); --no-tiling resizes")
     parser.add_argument("--tta", action="store_true", help="test-time flips")
+    parser.add_argument("--no-auto-scale", action="store_true", help="skip rescaling to the canonical nucleus size")
     parser.add_argument("--tune", action="store_true", help="tune thresholds on validation first")
     args = parser.parse_args(argv)
     if args.tune:
         tune_thresholds(args.model, args.data)
     out = args.out or args.model.parent / "evaluation"
-    evaluate_model(args.model, args.data, out, args.split, SegmentOptions(tiling=args.tiling, tta=args.tta))
+    evaluate_model(args.model, args.data, out, args.split, SegmentOptions(tiling=args.tiling, tta=args.tta, auto_scale=not args.no_auto_scale))
 
 
 if __name__ == "__main__":
