@@ -33,6 +33,7 @@ from service.batching import MicroBatcher, Overloaded
 from service.metrics import Metrics
 from service.model import ModelLoadError, SegmentationModel
 from service.pipeline import DeadlineExceeded, SegmentOptions, segment
+from service.tiling import ImageShapeError
 
 log = logging.getLogger("nuclei_seg")
 
@@ -60,8 +61,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 PNG_RESPONSE = {"content": {"image/png": {}}, "description": "PNG image of the input's height and width."}
 RLE_EXAMPLE = {
     "height": 256, "width": 320, "count": 1,
-    "nuclei": [{"id": 1, "rle": "5130 6 5386 8 5642 8", "area": 22, "bbox": [10, 20, 18, 23],
-                "centroid": [13.5, 21.0], "perimeter": 16.2, "eccentricity": 0.61, "solidity": 0.95,
+    "nuclei": [{"id": 1, "rle": "5130 6 5386 8 5642 8", "area": 22, "bbox": [9, 20, 17, 23],
+                "centroid": [12.23, 21.09], "perimeter": 16.2, "eccentricity": 0.61, "solidity": 0.95,
                 "mean_intensity": 187.3}],
 }
 
@@ -123,27 +124,52 @@ def create_app(settings: Settings | None = None, model: SegmentationModel | None
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"])
-    _install_body_limit(app)
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
     _install_metrics_middleware(app)
     _install_error_handlers(app)
     _install_routes(app)
     return app
 
 
-def _install_body_limit(app: FastAPI) -> None:
-    """Refuse an upload whose declared Content-Length is over the limits before reading its body."""
-    settings: Settings = app.state.settings
-    overhead = 1 << 20  # multipart boundaries and headers
+class BodyLimitMiddleware:
+    """Refuse request bodies over the upload limits, declared or streamed (chunked), with 413.
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):  # type: ignore[no-untyped-def]
-        declared = request.headers.get("content-length", "")
-        if request.method == "POST" and declared.isdigit():
-            files = settings.max_batch_files if request.url.path.endswith("/batch") else 1
-            if int(declared) > files * settings.max_upload_bytes + overhead:
-                return JSONResponse(status_code=413, content={
-                    "detail": f"request body of {declared} bytes exceeds the upload limit"})
-        return await call_next(request)
+    A declared Content-Length over the limit is refused before anything is read; a streamed
+    body is counted as it arrives and parsing stops at the limit, so a huge chunked upload never
+    reaches the disk.
+    """
+
+    OVERHEAD = 1 << 20  # multipart boundaries and headers
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def limit(self, path: str) -> int:
+        files = self.settings.max_batch_files if path.endswith("/batch") else 1
+        return files * self.settings.max_upload_bytes + self.OVERHEAD
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit(scope["path"])
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await JSONResponse(status_code=413, content={
+                "detail": f"request body of {int(declared)} bytes exceeds the upload limit"})(scope, receive, send)
+            return
+        received = 0
+
+        async def counted_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise HTTPException(status_code=413, detail="request body exceeds the upload limit")
+            return message
+
+        await self.app(scope, counted_receive, send)
 
 
 def _install_metrics_middleware(app: FastAPI) -> None:
@@ -262,6 +288,8 @@ async def segment_upload(request: Request, data: bytes, name: str | None, model:
                             headers={"Retry-After": "1"}) from None
     except (asyncio.TimeoutError, DeadlineExceeded):
         raise HTTPException(status_code=504, detail=f"request took longer than {timeout:g} s") from None
+    except ImageShapeError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
 
 
 def image_id(filename: str | None, index: int) -> str:
@@ -282,13 +310,13 @@ def _install_routes(app: FastAPI) -> None:
         return JSONResponse(status_code=200 if ready else 503, content={"ready": ready})
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics.", response_class=PlainTextResponse)
-    async def metrics(request: Request) -> Response:
+    async def metrics(request: Request, _: AuthDep) -> Response:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/model", tags=["model"], summary="The served model's metadata.json plus the service version.",
              responses={503: ERROR_RESPONSES[503]})
-    async def model_info(model: ModelDep) -> dict[str, Any]:
-        return {"service_version": __version__, "model_dir": model.model_dir.name, **model.spec.metadata}
+    async def model_info(model: ModelDep, _: AuthDep) -> dict[str, Any]:
+        return {"service_version": __version__, **public_metadata(model.spec.metadata)}
 
     @app.post(
         "/segment",
@@ -354,6 +382,24 @@ def _install_routes(app: FastAPI) -> None:
         if format is BatchFormat.csv:
             return PlainTextResponse(submission_csv(documents), media_type="text/csv")
         return JSONResponse([doc for _, doc in documents])
+
+
+PUBLIC_METADATA = ("format_version", "input_size", "input", "output", "classes", "inference", "postprocess",
+                   "training_config", "training", "validation_metrics", "tensorflow_version", "keras_version")
+
+
+def public_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """What clients may see of metadata.json: no file paths, commit ids or image ids."""
+    public = {k: metadata[k] for k in PUBLIC_METADATA if k in metadata}
+    config = dict(public.get("training_config", {}))
+    if config.get("encoder_weights") not in (None, "imagenet", "none"):
+        config["encoder_weights"] = "file"
+    public["training_config"] = config
+    split = metadata.get("split", {})
+    public["split"] = {k: split[k] for k in ("seed", "val_fraction") if k in split}
+    data = metadata.get("data", {})
+    public["data"] = {k: data[k] for k in ("fingerprint", "images") if k in data}
+    return public
 
 
 def encode_response(image: np.ndarray, labels: np.ndarray, fmt: MaskFormat) -> Response:

@@ -64,7 +64,7 @@ class MicroBatcher:
         job = _Job(np.ascontiguousarray(tiles))
         with self._cond:
             if self._closed:
-                raise RuntimeError("batcher is closed")
+                raise Overloaded("the server is shutting down")
             if self._queued_tiles + len(tiles) > self.max_queue and self._queued_tiles > 0:
                 raise Overloaded(f"{self._queued_tiles} tiles already queued (limit {self.max_queue})")
             self._jobs.append(job)
@@ -110,19 +110,22 @@ class MicroBatcher:
             if batch is None:
                 return
             live = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            if not live:
-                continue
+            if live:
+                self._serve(live)
+
+    def _serve(self, live: list[_Job]) -> None:
+        """Run one model call for ``live`` jobs; any failure goes to their callers, never kills the worker."""
+        try:
             tiles = np.concatenate([job.tiles for job in live]) if len(live) > 1 else live[0].tiles
             start = time.perf_counter()
-            try:
-                probs = self._predict(tiles)
-            except BaseException as exc:  # deliver the failure to every caller, keep serving
-                for job in live:
-                    job.future.set_exception(exc)
-                continue
+            probs = self._predict(tiles)
             if self._on_batch:
                 self._on_batch(len(tiles), time.perf_counter() - start)
-            offset = 0
+        except BaseException as exc:
             for job in live:
-                job.future.set_result(probs[offset:offset + len(job.tiles)])
-                offset += len(job.tiles)
+                job.future.set_exception(exc)
+            return
+        offset = 0
+        for job in live:
+            job.future.set_result(probs[offset:offset + len(job.tiles)])
+            offset += len(job.tiles)

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
 #: Formats decoded by Pillow (TIFF goes through tifffile for 16-bit, float and multi-channel data).
-PIL_FORMATS = {"PNG", "JPEG", "BMP", "GIF", "WEBP", "PPM"}
+PIL_FORMATS = {"PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP", "PPM"}  # MPO: phone JPEGs
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 #: Percentiles used to map 16-bit and float intensities to 8 bits (robust to hot pixels).
 RESCALE_PERCENTILES = (0.1, 99.9)
@@ -119,13 +119,18 @@ def _decode_tiff(data: bytes, max_pixels: int) -> np.ndarray:
 
 
 def _tiff_height_width(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(height, width) of a 2D page: (H, W), (H, W, S) or planar (S, H, W) with at most 4 samples.
+
+    Anything else (volumes, hundreds of samples) is refused before its data is read, so the
+    pixel limit cannot be dodged through extra dimensions.
+    """
     if len(shape) == 2:
         return shape
-    if len(shape) == 3:
-        if shape[-1] <= 4 or shape[0] > 4:
-            return shape[0], shape[1]
+    if len(shape) == 3 and shape[-1] <= 4:
+        return shape[0], shape[1]
+    if len(shape) == 3 and shape[0] <= 4:
         return shape[1], shape[2]
-    raise DecodeError(f"unsupported TIFF layout with shape {shape}; expected a 2D image")
+    raise DecodeError(f"unsupported TIFF layout with shape {shape}; expected a 2D image with at most 4 channels")
 
 
 def to_rgb_uint8(array: np.ndarray) -> np.ndarray:

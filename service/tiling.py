@@ -13,6 +13,13 @@ from collections.abc import Callable
 import numpy as np
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # (N, T, T, 3) uint8 -> (N, T, T, C) float32
+#: Padding a very elongated image (1 x 50,000,000) to the network's 32-pixel granularity would
+#: multiply its area; beyond this many padded pixels the image is refused instead.
+MAX_PADDED_PIXELS = 64_000_000
+
+
+class ImageShapeError(ValueError):
+    """The image cannot be tiled within the memory bound (e.g. absurdly elongated)."""
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -44,6 +51,11 @@ def predict_tiled(image: np.ndarray, predict: PredictFn, tile: int, overlap: int
     height, width = image.shape[:2]
     tile_h = min(tile, _round_up(height, multiple))
     tile_w = min(tile, _round_up(width, multiple))
+    padded_pixels = max(height, tile_h) * max(width, tile_w)
+    if padded_pixels > MAX_PADDED_PIXELS:
+        raise ImageShapeError(
+            f"image of {width}x{height} would need {padded_pixels} pixels once padded to the network's "
+            f"{multiple}-pixel grid (limit {MAX_PADDED_PIXELS}); crop or split it")
     padded = _pad_reflect(image, max(height, tile_h), max(width, tile_w))
     ph, pw = padded.shape[:2]
     window = np.outer(blend_ramp(tile_h, overlap), blend_ramp(tile_w, overlap))

@@ -26,8 +26,8 @@ def upload(data: bytes, name: str = "cells.png", ctype: str = "image/png") -> di
 
 def make_client(model: SegmentationModel, model_dir, **overrides):
     """A function (method, url, **kwargs) -> response against a fresh app in its lifespan."""
-    settings = Settings(model_dir=model_dir, max_upload_bytes=2_000_000, max_pixels=4_000_000, max_batch_files=4,
-                        **overrides)
+    limits = {"max_upload_bytes": 2_000_000, "max_pixels": 4_000_000, "max_batch_files": 4}
+    settings = Settings(model_dir=model_dir, **{**limits, **overrides})
     app = create_app(settings, model)
     transport = httpx.ASGITransport(app=app)
 

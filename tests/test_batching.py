@@ -89,3 +89,18 @@ def test_model_errors_reach_the_caller_and_the_worker_survives():
         assert batcher.predict(np.zeros((2, 2, 2, 3), np.uint8)).shape == (2, 2, 2, 3)
     finally:
         batcher.close()
+
+
+def test_a_failing_metrics_hook_does_not_kill_the_worker():
+    def bad_hook(tiles, seconds):
+        raise RuntimeError("metrics broke")
+
+    batcher = MicroBatcher(lambda t: t.astype(np.float32), max_batch=4, max_wait_ms=0, on_batch=bad_hook)
+    try:
+        for _ in range(3):
+            with pytest.raises(RuntimeError, match="metrics broke"):
+                batcher.predict(np.zeros((1, 2, 2, 3), np.uint8))
+    finally:
+        batcher.close()
+    with pytest.raises(Overloaded):  # closed: refused like an overload (503), not a crash
+        batcher.submit(np.zeros((1, 2, 2, 3), np.uint8))

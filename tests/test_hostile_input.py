@@ -78,6 +78,8 @@ NAMED_CASES = [
      "a.tif", "image/tiff", 422, None),
     ("5-channel TIFF", tiff(np.stack([GRAY] * 5, -1), photometric="minisblack", planarconfig="contig"),
      "a.tif", "image/tiff", 422, None),
+    ("3D TIFF volume in one page", tiff(np.stack([GRAY] * 10), photometric="minisblack", planarconfig="separate"),
+     "a.tif", "image/tiff", 422, None),
     ("wrong content type (bytes are sniffed)", png(GRAY), "a.png", "text/plain", 200, (48, 40)),
     ("path separators and non-ASCII name", png(GRAY), "../../etc/ñúcleos\\x.png", "image/png", 200, (48, 40)),
     ("random bytes", bytes(range(256)) * 4, "a.png", "image/png", 415, None),
@@ -154,3 +156,30 @@ def test_declared_body_over_the_limit_is_refused_before_reading(client):
     r = client("POST", "/segment", content=b"x" * 10, headers={"content-length": str(10**10),
                                                                "content-type": "multipart/form-data; boundary=x"})
     assert r.status_code == 413 and "exceeds" in r.json()["detail"]
+
+
+def test_streamed_body_over_the_limit_is_refused(client):
+    head = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+
+    async def chunks():  # a well-formed multipart body, streamed without Content-Length
+        yield head
+        for _ in range(4):
+            yield b"\0" * 1_000_000
+        yield b"\r\n--b--\r\n"
+
+    r = client("POST", "/segment", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413 and "exceeds" in r.json()["detail"]
+
+
+def test_absurdly_elongated_image_is_refused_not_padded(loaded_model, tile_model_dir):
+    call = make_client(loaded_model, tile_model_dir, max_pixels=10_000_000)
+    r = call("POST", "/segment", **upload(png(np.zeros((1, 5_000_000), np.uint8))))
+    assert r.status_code == 422 and "padded" in r.json()["detail"]
+
+
+def test_model_info_hides_paths_and_ids(client):
+    info = client("GET", "/model").json()
+    text = str(info)
+    assert "validation_ids" not in text and "git_commit" not in text and "path" not in info.get("data", {})
+    assert info["classes"] and info["data"]["fingerprint"]

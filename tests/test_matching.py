@@ -65,3 +65,10 @@ def test_iou_threshold_is_strict_and_averaged():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError):
         score_image(TRUTH, TRUTH[:-1])
+
+
+def test_gaps_in_label_numbers_are_not_nuclei():
+    gappy = TRUTH.copy()
+    gappy[gappy == 2] = 7  # ids 1, 3, 7: ids 2, 4, 5, 6 are absent
+    s = score_image(gappy, TRUTH)
+    assert s.score == 1.0 and s.n_true == 3

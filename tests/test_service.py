@@ -70,6 +70,15 @@ def test_batch_json_and_csv(client, sample_image):
     assert "b.tif," in lines  # the empty image gets one row with empty EncodedPixels
 
 
+def test_percentile_stretch_uses_every_channel():
+    from service.normalise import percentile_stretch
+
+    image = np.zeros((1024, 1024, 3), np.uint8)  # 3M values: the sampling stride is a multiple of 3
+    image[..., 1] = np.linspace(0, 100, 1024, dtype=np.uint8)[None, :]
+    out = percentile_stretch(image)
+    assert out[..., 1].max() == 255  # green decides the stretch even though red is all zero
+
+
 def test_resize_mode_and_options(client, sample_image):
     r = client("POST", "/segment?format=rle&tiling=false&tta=true&min_size=5", **upload(png(sample_image)))
     assert r.status_code == 200 and r.json()["width"] == 517

@@ -25,7 +25,8 @@ def iou_matrix(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
     area_pred = overlap.sum(axis=0, keepdims=True)
     union = area_true + area_pred - overlap
     iou = overlap / np.maximum(union, 1)
-    return iou[1:, 1:]
+    # label ids that do not occur (gaps in the numbering) are not nuclei
+    return iou[1:, 1:][area_true[1:, 0] > 0][:, area_pred[0, 1:] > 0]
 
 
 @dataclass(frozen=True)
