@@ -72,10 +72,12 @@ def segment(image: np.ndarray, model: SegmentationModel, options: SegmentOptions
             proposed = float(np.clip(proposed, SCALE_LIMITS[0], upper))
             if SCALE_TOLERANCE[0] <= proposed / scale <= SCALE_TOLERANCE[1]:
                 break
-            scale = proposed
-            size = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
-            probs = probabilities_at(image, model, size, options)
-            labels = instances_from_probabilities(probs, params)
+            size = (max(1, round(image.shape[0] * proposed)), max(1, round(image.shape[1] * proposed)))
+            new_probs = probabilities_at(image, model, size, options)
+            new_labels = instances_from_probabilities(new_probs, params)
+            if np.count_nonzero(new_labels) < 0.5 * np.count_nonzero(labels):
+                break  # the rescaled view lost most of the nuclei: the size estimate was wrong
+            scale, probs, labels = proposed, new_probs, new_labels
     return Segmentation(labels, scale, probs)
 
 
