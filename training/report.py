@@ -116,7 +116,7 @@ time over the validation images on the 2-core machine, during the evaluation run
 - The fit time above was measured while tests and development shared the same 2 cores.
 - Size normalisation: the rescaled pass is kept only if it keeps at least half the first pass's
   foreground. This guard was added after reading the worst validation images (small images whose
-  nuclei vanished when upscaled); the evaluation before it scored 0.533 (AP@0.5 0.750).
+  nuclei vanished when upscaled); the ablations are in `docs/training.md`.
 - Speed of a 1-megapixel image through the server: `docs/performance.md`
   (`python -m benchmarks.serve_bench`).
 
