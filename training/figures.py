@@ -24,10 +24,11 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], row_titles: Sequence[str], 
             ax.axis("off")
             if c < len(row):
                 ax.imshow(row[c], cmap=(cmaps[r] if cmaps else None) or "gray", interpolation="nearest")
+            title = col_titles[c] if col_titles and r == 0 and c < len(col_titles) else ""
             if c == 0:
-                ax.set_title(row_titles[r], fontsize=9, loc="left")
-            elif col_titles and r == 0:
-                ax.set_title(col_titles[c], fontsize=8)
+                title = f"{row_titles[r]}: {title}" if title else row_titles[r]
+            if title:
+                ax.set_title(title, fontsize=9 if c == 0 else 8, loc="left" if c == 0 else "center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
