@@ -31,7 +31,7 @@ from service.decode import DecodeError, TooLargeError, decode_image
 from service.encode import labels_png, mask_png, overlay_png, rle_document, submission_csv
 from service.batching import MicroBatcher, Overloaded
 from service.metrics import Metrics
-from service.model import ModelLoadError, SegmentationModel
+from service.model import SegmentationModel
 from service.pipeline import DeadlineExceeded, SegmentOptions, segment
 from service.tiling import ImageShapeError
 
@@ -417,5 +417,3 @@ def encode_response(image: np.ndarray, labels: np.ndarray, fmt: MaskFormat) -> R
         body = mask_png(labels)
     return Response(content=body, media_type="image/png")
 
-
-__all__ = ["create_app", "ModelLoadError"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,7 @@ def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bo
                  keras.callbacks.CSVLogger(str(run_dir / "history.csv"))]
     fit_start = time.time()
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, steps_per_epoch=steps,
-                        callbacks=callbacks, verbose=2 if not _is_tty() else 1).history
+                        callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2).history  # bar on a terminal, a line per epoch in logs
     fit_seconds = time.time() - fit_start
 
     figures.plot_history(history, run_dir / "curves.png")
@@ -176,12 +177,6 @@ def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bo
             tune_thresholds(model_dir, data_dir)
         evaluate_model(model_dir, data_dir, run_dir / "evaluation")
     return metrics
-
-
-def _is_tty() -> bool:
-    import sys
-
-    return sys.stdout.isatty()
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
