@@ -88,16 +88,16 @@ class Server:
             time.sleep(0.05)
         self.cold_start = time.perf_counter() - start
 
-    def tiles_done(self) -> float:
-        text = httpx.get(self.url + "/metrics").text
-        match = re.search(r"^nuclei_model_batch_tiles_sum (\S+)$", text, re.M)
+    def metric(self, name: str) -> float:
+        """One sample of the server's /metrics (0 when it has not been recorded yet)."""
+        match = re.search(rf"^{name} (\S+)$", httpx.get(self.url + "/metrics").text, re.M)
         return float(match.group(1)) if match else 0.0
 
+    def tiles_done(self) -> float:
+        return self.metric("nuclei_model_batch_tiles_sum")
+
     def mean_batch(self) -> float:
-        text = httpx.get(self.url + "/metrics").text
-        total = float(re.search(r"^nuclei_model_batch_tiles_sum (\S+)$", text, re.M).group(1))
-        count = float(re.search(r"^nuclei_model_batch_tiles_count (\S+)$", text, re.M).group(1))
-        return total / max(count, 1)
+        return self.tiles_done() / max(self.metric("nuclei_model_batch_tiles_count"), 1)
 
     def peak_rss_mb(self) -> float:
         return self._status_kb("VmHWM") / 1024

@@ -292,6 +292,11 @@ async def segment_upload(request: Request, data: bytes, name: str | None, model:
         raise HTTPException(status_code=422, detail=str(exc)) from None
 
 
+def request_options(settings: Settings, tiling: bool | None, tta: bool, min_size: int | None) -> SegmentOptions:
+    """The pipeline options of one request (shared by /segment and /segment/batch)."""
+    return SegmentOptions(tiling=tiling, tta=tta, min_size=min_size, tile_batch_size=settings.tile_batch_size)
+
+
 def image_id(filename: str | None, index: int) -> str:
     """DSB2018 ImageId: the file's base name without extension (never a path)."""
     base = PurePath((filename or "").replace("\\", "/")).name
@@ -346,7 +351,7 @@ def _install_routes(app: FastAPI) -> None:
             "Drop nuclei smaller than this many pixels. Default: the model's tuned value."))] = None,
     ) -> Response:
         data = await read_upload(file, settings)
-        options = SegmentOptions(tiling=tiling, tta=tta, min_size=min_size, tile_batch_size=settings.tile_batch_size)
+        options = request_options(settings, tiling, tta, min_size)
         image, labels = await segment_upload(request, data, file.filename, model, options)
         return await run_in_threadpool(encode_response, image, labels, format)
 
@@ -372,7 +377,7 @@ def _install_routes(app: FastAPI) -> None:
     ) -> Response:
         if len(files) > settings.max_batch_files:
             raise HTTPException(status_code=413, detail=f"{len(files)} files; at most {settings.max_batch_files} per batch")
-        options = SegmentOptions(tiling=tiling, tta=tta, min_size=min_size, tile_batch_size=settings.tile_batch_size)
+        options = request_options(settings, tiling, tta, min_size)
         documents = []
         for index, upload in enumerate(files):  # one image in memory at a time
             data = await read_upload(upload, settings)

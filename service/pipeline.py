@@ -66,9 +66,9 @@ def segment(image: np.ndarray, model: SegmentationModel, options: SegmentOptions
     probs = probabilities_at(image, model, None, options)
     labels = instances_from_probabilities(probs, params)
     if options.auto_scale and spec.canonical_diameter:
+        upper = max(1.0, min(SCALE_LIMITS[1], (MAX_UPSCALED_PIXELS / image.shape[0] / image.shape[1]) ** 0.5))
         for _ in range(2):  # a far-off first estimate is refined once more
             proposed = rescale_factor(labels, spec.canonical_diameter)  # labels are at native size
-            upper = max(1.0, min(SCALE_LIMITS[1], (MAX_UPSCALED_PIXELS / image.shape[0] / image.shape[1]) ** 0.5))
             proposed = float(np.clip(proposed, SCALE_LIMITS[0], upper))
             if SCALE_TOLERANCE[0] <= proposed / scale <= SCALE_TOLERANCE[1]:
                 break

@@ -51,13 +51,12 @@ def predict_tiled(image: np.ndarray, predict: PredictFn, tile: int, overlap: int
     height, width = image.shape[:2]
     tile_h = min(tile, _round_up(height, multiple))
     tile_w = min(tile, _round_up(width, multiple))
-    padded_pixels = max(height, tile_h) * max(width, tile_w)
-    if padded_pixels > MAX_PADDED_PIXELS:
+    ph, pw = max(height, tile_h), max(width, tile_w)
+    if ph * pw > MAX_PADDED_PIXELS:
         raise ImageShapeError(
-            f"image of {width}x{height} would need {padded_pixels} pixels once padded to the network's "
+            f"image of {width}x{height} would need {ph * pw} pixels once padded to the network's "
             f"{multiple}-pixel grid (limit {MAX_PADDED_PIXELS}); crop or split it")
-    padded = _pad_reflect(image, max(height, tile_h), max(width, tile_w))
-    ph, pw = padded.shape[:2]
+    padded = _pad_reflect(image, ph, pw)
     window = np.outer(blend_ramp(tile_h, overlap), blend_ramp(tile_w, overlap))
     total = np.zeros((ph, pw, num_classes), dtype=np.float32)
     weight = np.zeros((ph, pw), dtype=np.float32)
