@@ -25,6 +25,11 @@ SCALE_LIMITS = (0.25, 2.0)
 MAX_UPSCALED_PIXELS = 16_000_000
 #: A first-pass scale estimate within this band of 1 is accepted without a second pass.
 SCALE_TOLERANCE = (0.8, 1.25)
+#: The first look at an image is at this scale (a quarter of the pixels) ...
+COARSE_SCALE = 0.5
+#: ... and is trusted when its nuclei are at least this fraction of the canonical size there
+#: (the smallest size the training's zoom augmentation shows the model, canonical / 1.5, rounded up).
+COARSE_TRUST = 0.75
 
 
 @dataclass(frozen=True)
@@ -62,23 +67,47 @@ def segment(image: np.ndarray, model: SegmentationModel, options: SegmentOptions
         size = (spec.image_size, spec.image_size)
         probs = probabilities_at(image, model, size, options, tiled=False)
         return Segmentation(instances_from_probabilities(probs, params), 1.0, probs)
-    scale = 1.0
-    probs = probabilities_at(image, model, None, options)
-    labels = instances_from_probabilities(probs, params)
-    if options.auto_scale and spec.canonical_diameter:
-        upper = max(1.0, min(SCALE_LIMITS[1], (MAX_UPSCALED_PIXELS / image.shape[0] / image.shape[1]) ** 0.5))
-        for _ in range(2):  # a far-off first estimate is refined once more
-            proposed = rescale_factor(labels, spec.canonical_diameter)  # labels are at native size
-            proposed = float(np.clip(proposed, SCALE_LIMITS[0], upper))
-            if SCALE_TOLERANCE[0] <= proposed / scale <= SCALE_TOLERANCE[1]:
-                break
-            size = (max(1, round(image.shape[0] * proposed)), max(1, round(image.shape[1] * proposed)))
-            new_probs = probabilities_at(image, model, size, options)
-            new_labels = instances_from_probabilities(new_probs, params)
-            if np.count_nonzero(new_labels) < 0.5 * np.count_nonzero(labels):
-                break  # the rescaled view lost most of the nuclei: the size estimate was wrong
-            scale, probs, labels = proposed, new_probs, new_labels
+    if not (options.auto_scale and spec.canonical_diameter):
+        probs = probabilities_at(image, model, None, options)
+        return Segmentation(instances_from_probabilities(probs, params), 1.0, probs)
+    scale, probs, labels = first_pass(image, model, options, params)
+    upper = max(1.0, min(SCALE_LIMITS[1], (MAX_UPSCALED_PIXELS / image.shape[0] / image.shape[1]) ** 0.5))
+    for _ in range(2):  # a far-off first estimate is refined once more
+        proposed = rescale_factor(labels, spec.canonical_diameter)  # labels are at native size
+        proposed = float(np.clip(proposed, SCALE_LIMITS[0], upper))
+        if SCALE_TOLERANCE[0] <= proposed / scale <= SCALE_TOLERANCE[1]:
+            break
+        new_probs = probabilities_at(image, model, scaled_size(image, proposed), options)
+        new_labels = instances_from_probabilities(new_probs, params)
+        if np.count_nonzero(new_labels) < 0.5 * np.count_nonzero(labels):
+            break  # the rescaled view lost most of the nuclei: the size estimate was wrong
+        scale, probs, labels = proposed, new_probs, new_labels
     return Segmentation(labels, scale, probs)
+
+
+def first_pass(image: np.ndarray, model: SegmentationModel, options: SegmentOptions,
+               params: PostprocessParams) -> tuple[float, np.ndarray, np.ndarray]:
+    """Scale, probabilities and labels of the first look at the image, from which its size is estimated.
+
+    At native resolution the model cuts nuclei far larger than its canonical size into fragments
+    that look canonical, so a native first pass cannot see that it should shrink the image. A
+    quarter-cost look at ``COARSE_SCALE`` first: when the nuclei it finds are still at least
+    ``COARSE_TRUST`` of the canonical size at that scale, they are large and that look is kept;
+    otherwise the nuclei are small and the native pass decides.
+    """
+    canonical = model.spec.canonical_diameter
+    coarse = probabilities_at(image, model, scaled_size(image, COARSE_SCALE), options)
+    coarse_labels = instances_from_probabilities(coarse, params)
+    diameter = median_diameter(coarse_labels)  # native pixels
+    if diameter is not None and diameter * COARSE_SCALE >= COARSE_TRUST * canonical:
+        return COARSE_SCALE, coarse, coarse_labels
+    probs = probabilities_at(image, model, None, options)
+    return 1.0, probs, instances_from_probabilities(probs, params)
+
+
+def scaled_size(image: np.ndarray, scale: float) -> tuple[int, int]:
+    """``(height, width)`` of ``image`` resized by ``scale`` (at least one pixel each)."""
+    return max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))
 
 
 def rescale_factor(labels: np.ndarray, canonical: float) -> float:

@@ -28,7 +28,7 @@ from training.export import update_metadata
 from training.matching import ImageScore, score_image
 from training.split import MODALITIES, modality
 
-FOREGROUND_GRID = (0.35, 0.45, 0.55)
+FOREGROUND_GRID = (0.45, 0.55, 0.6, 0.65, 0.7, 0.75)
 SEED_GRID = (0.4, 0.5, 0.6, 0.7, 0.8)
 
 
