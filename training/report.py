@@ -103,8 +103,10 @@ time over the validation images on the 2-core machine, during the evaluation run
   saturation, contrast, gamma, noise; bright-field and stained-tissue images oversampled (weight
   1/sqrt(group size)); per-image percentile intensity stretch shared by training and serving.
 - Inference: the image is stretched, run in overlapping {cfg['image_size']}x{cfg['image_size']}
-  tiles with cosine blending, its median nucleus size is measured from the first pass and, when
-  it is off the canonical size, the image is rescaled and run again; a watershed seeded by
+  tiles with cosine blending. Its median nucleus size is measured first from a look at half
+  scale (kept when the nuclei there are still at least 3/4 of the canonical size, i.e. large),
+  else from a native pass; when it is off the canonical size, the image is rescaled and run
+  again (at most twice); a watershed seeded by
   interior probability > {post['seed_threshold']} over foreground probability > {post['foreground_threshold']}
   separates touching nuclei; nuclei under {post['min_size']} px are dropped. ({post.get('tuned_on', '')})
 
