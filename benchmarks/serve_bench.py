@@ -3,8 +3,9 @@
     python -m benchmarks.serve_bench --out docs/performance.md
 
 Starts ``nuclei-serve`` on loopback, drives it with N concurrent clients sending real DSB2018
-images (from ../shared when present, else generated), then measures in-process the model alone
-on the same tiles at its best batch size. Reports throughput and latency per concurrency, the
+images (from ../shared when present, else generated), then measures in-process the model alone:
+the very network calls ``segment()`` makes for those images, recorded and replayed one image at
+a time (latency) and batched at the best batch size (throughput). Reports throughput and latency per concurrency, the
 service/model ratio, seconds per megapixel and peak RSS per image size, cold start, and where the
 time of one request goes.
 """
@@ -43,32 +44,115 @@ def model_alone(model_dir: Path, tile: int, batch_sizes=(1, 2, 4, 8, 16), repeat
     return result
 
 
-def profile_request(model_dir: Path, image: np.ndarray, repeats: int = 3) -> dict[str, float]:
-    """Median seconds of each step of the request path for one image, in-process."""
+class RecordingModel:
+    """Wraps a loaded model's network call to record each call's batch shape and time."""
+
+    def __init__(self, model) -> None:  # noqa: ANN001 (SegmentationModel; imported lazily)
+        self.model = model
+        self.network = model.predict_now
+        self.calls: list[tuple[int, ...]] = []
+        self.seconds = 0.0
+        model.predict_now = self
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        out = self.network(batch)
+        self.seconds += time.perf_counter() - start
+        self.calls.append(batch.shape)
+        return out
+
+    def reset(self) -> None:
+        self.calls, self.seconds = [], 0.0
+
+
+def profile_requests(model_dir: Path, images: list[np.ndarray], repeats: int = 3) -> tuple[list[dict], list[list]]:
+    """Median seconds of each step of the request path per image, in-process, and its model calls.
+
+    The network's share of ``segment`` is timed inside it, so "post-process and resizing" is the
+    rest of the pipeline: normalisation, resizing between scales, blending tiles, watershed.
+    """
     from service.decode import decode_image
-    from service.encode import rle_document
+    from service.encode import mask_png
     from service.model import SegmentationModel
-    from service.normalise import normalise
     from service.pipeline import SegmentOptions, segment
 
     model = SegmentationModel.load(model_dir)
     model.warm()
-    data = png_bytes(image)
-    steps: dict[str, list[float]] = {k: [] for k in ("decode", "normalise", "segment (model + post-process)",
-                                                     "encode (rle+measurements)")}
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        rgb = decode_image(data)
-        t1 = time.perf_counter()
-        normalise(rgb, model.spec.normalise)
-        t2 = time.perf_counter()
-        labels = segment(rgb, model, SegmentOptions()).labels
-        t3 = time.perf_counter()
-        rle_document(labels, rgb)
-        t4 = time.perf_counter()
-        for key, value in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            steps[key].append(value)
-    return {k: statistics.median(v) for k, v in steps.items()}
+    recorder = RecordingModel(model)
+    profiles, calls = [], []
+    for image in images:
+        data = png_bytes(image)
+        steps: dict[str, list[float]] = {k: [] for k in PROFILE_STEPS}
+        for _ in range(repeats):
+            recorder.reset()
+            t0 = time.perf_counter()
+            rgb = decode_image(data)
+            t1 = time.perf_counter()
+            labels = segment(rgb, model, SegmentOptions()).labels
+            t2 = time.perf_counter()
+            mask_png(labels)  # the benchmark's requests ask for the default format, the PNG mask
+            t3 = time.perf_counter()
+            for key, value in zip(PROFILE_STEPS, (t1 - t0, recorder.seconds, t2 - t1 - recorder.seconds, t3 - t2)):
+                steps[key].append(value)
+        profiles.append({k: statistics.median(v) for k, v in steps.items()})
+        calls.append(list(recorder.calls))
+    return profiles, calls
+
+
+PROFILE_STEPS = ("decode", "network (model calls)", "normalise, resize, blend, post-process", "encode (PNG mask)")
+
+
+def replay_latency(model_dir: Path, calls: list[list[tuple[int, ...]]], repeats: int = 3) -> list[float]:
+    """Model alone for one request at a time: per image, the network calls ``segment`` made, replayed."""
+    from service.model import SegmentationModel
+
+    model = SegmentationModel.load(model_dir)
+    model.warm()
+    rng = np.random.default_rng(0)
+    seconds = []
+    for shapes in calls:
+        inputs = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in shapes]
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for batch in inputs:
+                model.predict_now(batch)
+            runs.append(time.perf_counter() - start)
+        seconds.append(statistics.median(runs))
+    return seconds
+
+
+def replay_batched(model_dir: Path, calls: list[list[tuple[int, ...]]], batch: int) -> float:
+    """Model alone at its best: seconds per image when all images' tiles run in batches of ``batch``."""
+    from service.model import SegmentationModel
+
+    model = SegmentationModel.load(model_dir)
+    model.warm()
+    by_shape: dict[tuple[int, ...], int] = {}
+    for shapes in calls:
+        for shape in shapes:
+            by_shape[shape[1:]] = by_shape.get(shape[1:], 0) + shape[0]
+    rng = np.random.default_rng(0)
+    total = 0.0
+    for shape, count in by_shape.items():
+        full = rng.integers(0, 255, (batch, *shape), dtype=np.uint8)
+        model.predict_now(full)  # the shape's first call traces
+        start = time.perf_counter()
+        for done in range(0, count, batch):
+            model.predict_now(full[:min(batch, count - done)])
+        total += time.perf_counter() - start
+    return total / len(calls)
+
+
+def profile_table(profiles: list[dict], http_mean: float | None = None) -> list[str]:
+    """Markdown rows: mean seconds per step over images (means add up), with shares of the total."""
+    steps = {k: statistics.fmean(p[k] for p in profiles) for k in PROFILE_STEPS}
+    if http_mean is not None:
+        steps["HTTP: multipart, thread hand-offs, batcher, response, client"] = http_mean - sum(steps.values())
+    total = sum(steps.values())
+    rows = ["| step | ms | share |", "|---|---|---|"]
+    rows += [f"| {step} | {seconds * 1000:.1f} | {seconds / total:.0%} |" for step, seconds in steps.items()]
+    return rows + [""]
 
 
 # ---------------------------------------------------------------- main
@@ -95,14 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         drive(server.url, payloads, 2, 8)  # warm the server's shapes
         rows = []
-        tiles_before = server.tiles_done()
-        total_images = 0
         for c in [int(x) for x in args.concurrency.split(",")]:
             latencies, wall, errors = drive(server.url, payloads, c, args.requests)
-            total_images += len(latencies)
             rows.append((c, len(latencies) / wall, pct(latencies, 50), pct(latencies, 95), pct(latencies, 99),
-                         errors, server.mean_batch()))
-        tiles_per_image = (server.tiles_done() - tiles_before) / max(total_images, 1)
+                         errors, server.mean_batch(), statistics.fmean(latencies)))
     finally:
         server.stop()
 
@@ -111,23 +191,31 @@ def main(argv: list[str] | None = None) -> None:
     tile = SegmentationModel.load(args.model_dir).spec.image_size
     per_tile = model_alone(args.model_dir, tile)
     best_batch = min(per_tile, key=per_tile.get)
-    alone_images_per_s = 1.0 / (per_tile[best_batch] * tiles_per_image)
-    alone_latency_1 = per_tile[1] * tiles_per_image
+    profiles, calls = profile_requests(args.model_dir, images)
+    alone_latency_1 = statistics.median(replay_latency(args.model_dir, calls))
+    alone_images_per_s = 1.0 / replay_batched(args.model_dir, calls, best_batch)
+    tiles_per_image = sum(shape[0] * shape[1] * shape[2] for c in calls for shape in c) / tile**2 / len(calls)
 
     lines.append("## Throughput and latency (256x256 images)\n")
-    lines.append(f"Model alone, in-process, same tiles ({tiles_per_image:.2f} tiles of {tile}x{tile} per image, "
-                 f"counted by the server): best batch {best_batch} -> {alone_images_per_s:.1f} images/s; "
-                 f"batch 1 -> {alone_latency_1 * 1000:.0f} ms per image. Seconds per tile by batch size: "
+    lines.append(f"Model alone, in-process: the network calls that `segment()` makes for these images "
+                 f"(recorded, {tiles_per_image:.2f} tile-equivalents of {tile}x{tile} per image), replayed "
+                 f"without the service. One image at a time: median {alone_latency_1 * 1000:.0f} ms per image; "
+                 f"all tiles in batches of {best_batch} (its best batch size): {alone_images_per_s:.1f} images/s. "
+                 f"Seconds per {tile}x{tile} tile by batch size: "
                  + ", ".join(f"{b}: {t * 1000:.1f} ms" for b, t in per_tile.items()) + ".\n")
     lines.append("| concurrency | images/s | MP/s | p50 ms | p95 ms | p99 ms | errors | mean tiles per model call | service / model-alone |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
     mp = images[0].shape[0] * images[0].shape[1] / 1e6
-    for c, ips, p50, p95, p99, errors, mean_batch in rows:
+    for c, ips, p50, p95, p99, errors, mean_batch, _ in rows:
         lines.append(f"| {c} | {ips:.1f} | {ips * mp:.2f} | {p50 * 1000:.0f} | {p95 * 1000:.0f} | {p99 * 1000:.0f} | "
                      f"{errors} | {mean_batch:.1f} | {ips / alone_images_per_s:.2f} |")
     c1 = rows[0]
     lines.append(f"\nAt concurrency 1, p50 latency {c1[2] * 1000:.0f} ms vs model alone {alone_latency_1 * 1000:.0f} ms "
                  f"per image: ratio {(c1[2]) / (alone_latency_1 + 0.010):.2f} of (model alone + 10 ms).\n")
+    lines.append(f"Where the time of one {images[0].shape[1]}x{images[0].shape[0]} request goes (in-process, "
+                 f"mean over the {len(images)} images; the HTTP row is the mean latency at concurrency 1, "
+                 f"{c1[7] * 1000:.0f} ms, minus the steps above it):\n")
+    lines.extend(profile_table(profiles, http_mean=c1[7]))
 
     lines.append("## Cost by image size\n")
     lines.append("| megapixels | seconds (median) | seconds per MP | peak server RSS (MB) |")
@@ -153,12 +241,8 @@ def main(argv: list[str] | None = None) -> None:
                  f"(min {min(cold):.1f}, max {max(cold):.1f}).\n")
 
     lines.append("## Where the time of one request goes (1 MP image, in-process)\n")
-    profile = profile_request(args.model_dir, big_image(images[0], 1.0))
-    total = sum(profile.values())
-    lines.append("| step | seconds | share |")
-    lines.append("|---|---|---|")
-    for step, seconds in profile.items():
-        lines.append(f"| {step} | {seconds:.3f} | {seconds / total:.0%} |")
+    profiles, _ = profile_requests(args.model_dir, [big_image(images[0], 1.0)])
+    lines.extend(profile_table(profiles))
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -263,7 +263,8 @@ def run_segmentation(data: bytes, name: str | None, model: SegmentationModel, se
                      options: SegmentOptions, metrics: Metrics) -> tuple[np.ndarray, np.ndarray]:
     """decode -> segment, in a worker thread; returns (image, labels)."""
     image = decode_or_raise(data, settings, name)
-    labels = segment(image, model, options).labels
+    with model.request():
+        labels = segment(image, model, options).labels
     metrics.images.inc()
     metrics.megapixels.inc(image.shape[0] * image.shape[1] / 1e6)
     return image, labels

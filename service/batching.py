@@ -3,7 +3,9 @@
 On a small CPU box, one model call on 8 tiles costs much less than 8 calls on one tile, and
 concurrent calls only fight over the same cores. So every request thread hands its tiles to
 one worker thread, which waits at most ``max_wait_ms`` for more work of the same tile shape, runs
-up to ``max_batch`` tiles at once, and hands each caller its slice of the result. Decoding,
+up to ``max_batch`` tiles at once, and hands each caller its slice of the result. Callers that
+declare themselves with :meth:`MicroBatcher.caller` let the worker skip that wait when no other
+caller is active: a lone request never pays for company that cannot come. Decoding,
 post-processing and encoding stay in the request threads and overlap with the model.
 
 The queue is bounded: when ``max_queue`` tiles are already waiting, :class:`Overloaded` is raised
@@ -15,7 +17,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -47,6 +50,7 @@ class MicroBatcher:
         self._on_batch = on_batch
         self._jobs: deque[_Job] = deque()
         self._queued_tiles = 0
+        self._callers = 0  # callers inside caller(): requests that may submit work soon
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="model-batcher", daemon=True)
@@ -55,6 +59,18 @@ class MicroBatcher:
     @property
     def queued_tiles(self) -> int:
         return self._queued_tiles
+
+    @contextmanager
+    def caller(self) -> Iterator[None]:
+        """Declare one request in progress for the duration of the block (see the module notes)."""
+        with self._cond:
+            self._callers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._callers -= 1
+                self._cond.notify()
 
     def predict(self, tiles: np.ndarray) -> np.ndarray:
         """Blocking: class probabilities of ``tiles`` ``(N, H, W, 3) uint8``, computed in a shared batch."""
@@ -98,11 +114,18 @@ class MicroBatcher:
                     count += len(match.tiles)
                     continue
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0 or self._closed:
+                if remaining <= 0 or self._closed or self._alone(batch):
                     break
                 self._cond.wait(remaining)
             self._queued_tiles -= count
             return batch
+
+    def _alone(self, batch: list[_Job]) -> bool:
+        """True when every declared caller already has its job in ``batch``, so waiting cannot add work.
+
+        With no declared callers (plain :meth:`predict` users) nothing is known, and the worker waits.
+        """
+        return 0 < self._callers <= len(batch)
 
     def _run(self) -> None:
         while True:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,6 +132,15 @@ class SegmentationModel:
         with self._lock:
             result = self._fn(images=tf.constant(batch, dtype=tf.uint8))
         return next(iter(result.values())).numpy()
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Mark one request in progress, so the batcher knows whether to wait for others' tiles."""
+        if self.batcher is None:
+            yield
+            return
+        with self.batcher.caller():
+            yield
 
     def attach_batcher(self, batcher: "MicroBatcher | None") -> None:
         """Route :meth:`predict` through ``batcher`` (built on :meth:`predict_now`), or stop doing so."""

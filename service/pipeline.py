@@ -101,6 +101,7 @@ def first_pass(image: np.ndarray, model: SegmentationModel, options: SegmentOpti
     diameter = median_diameter(coarse_labels)  # native pixels
     if diameter is not None and diameter * COARSE_SCALE >= COARSE_TRUST * canonical:
         return COARSE_SCALE, coarse, coarse_labels
+    del coarse, coarse_labels  # peak memory: one image-sized probability map at a time
     probs = probabilities_at(image, model, None, options)
     return 1.0, probs, instances_from_probabilities(probs, params)
 

@@ -104,3 +104,40 @@ def test_a_failing_metrics_hook_does_not_kill_the_worker():
         batcher.close()
     with pytest.raises(Overloaded):  # closed: refused like an overload (503), not a crash
         batcher.submit(np.zeros((1, 2, 2, 3), np.uint8))
+
+
+def test_a_lone_declared_caller_does_not_wait_for_company():
+    # with a 3 s maximum wait, an undeclared caller waits it out (nothing says no one else comes),
+    # a declared caller that is the only one active is served at once
+    model = FakeModel(delay=0.0)
+    batcher = MicroBatcher(model, max_batch=8, max_wait_ms=3000)
+    try:
+        with batcher.caller():
+            start = time.perf_counter()
+            out = batcher.predict(np.zeros((1, 4, 4, 3), np.uint8))
+            lone = time.perf_counter() - start
+        assert out.shape == (1, 4, 4, 3) and lone < 1.5
+        start = time.perf_counter()
+        batcher.predict(np.zeros((1, 4, 4, 3), np.uint8))
+        assert time.perf_counter() - start >= 2.7
+    finally:
+        batcher.close()
+
+
+def test_declared_callers_still_share_batches():
+    model = FakeModel()
+    batcher = MicroBatcher(model, max_batch=8, max_wait_ms=200)
+    barrier = threading.Barrier(8)
+
+    def request(i: int) -> np.ndarray:
+        with batcher.caller():
+            barrier.wait()  # all eight are active before any submits
+            return batcher.predict(np.full((1, 4, 4, 3), i, np.uint8))
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            outputs = list(pool.map(request, range(8)))
+        assert all(np.all(out == i + 0.5) for i, out in enumerate(outputs))
+        assert max(model.batches) > 1
+    finally:
+        batcher.close()

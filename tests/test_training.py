@@ -139,3 +139,33 @@ def test_export_matches_keras_model_and_is_atomic(tmp_path: Path, monkeypatch):
     assert sorted(p.name for p in out.rglob("*")) == before
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     assert not any(name.startswith(".") for name in os.listdir(tmp_path))
+
+
+def test_stain_jitter_keeps_range_and_is_the_identity_at_zero_strength():
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.uniform(0.05, 1.0, (16, 16, 3)).astype(np.float32))
+    same = augment.stain_jitter(x, scale=0.0, shift=0.0).numpy()
+    np.testing.assert_allclose(same, x.numpy(), atol=1e-4)
+    tf.random.set_seed(0)
+    jittered = augment.stain_jitter(x).numpy()
+    assert jittered.min() >= 0.0 and jittered.max() <= 1.0 and not np.allclose(jittered, x.numpy(), atol=1e-3)
+
+
+def test_mixed_precision_model_is_served_as_a_float32_twin():
+    import keras
+
+    from training.model import float32_copy
+
+    config = tiny_config("best").override(precision="mixed_bfloat16")
+    keras.mixed_precision.set_global_policy(config.precision)
+    try:
+        model = build_unet(config)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.get_layer("up_0").compute_dtype == "bfloat16" and model.output.dtype == "float32"
+    twin = float32_copy(model, config)
+    assert all(layer.compute_dtype == "float32" for layer in twin.layers)
+    batch = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
+    low = tf.nn.softmax(model(batch, training=False), -1).numpy()
+    full = tf.nn.softmax(twin(batch, training=False), -1).numpy()
+    assert np.abs(low - full).max() < 0.05  # same weights; only bfloat16 rounding differs

@@ -49,9 +49,25 @@ def random_affine(image: tf.Tensor, target: tf.Tensor, config: TrainConfig, out_
     return image, target
 
 
-def colour_jitter(image: tf.Tensor) -> tf.Tensor:
-    """Random photometric changes on a float RGB image in [0, 255]."""
+def stain_jitter(x: tf.Tensor, scale: float = 0.1, shift: float = 0.05) -> tf.Tensor:
+    """Haematoxylin-eosin-DAB stain jitter of an RGB image in [0, 1] (Tellez et al., 2018).
+
+    Unmixes optical density into scikit-image's HED stain vectors, scales and shifts each stain's
+    density at random, and mixes back: the colour changes between H&E slides and scanners.
+    """
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    density = -tf.math.log(tf.maximum(x, 1e-3))  # Beer-Lambert optical density
+    stains = tf.tensordot(density, tf.constant(hed_from_rgb, tf.float32), 1)
+    stains = stains * tf.random.uniform([3], 1.0 - scale, 1.0 + scale) + tf.random.uniform([3], -shift, shift)
+    return tf.clip_by_value(tf.exp(-tf.tensordot(stains, tf.constant(rgb_from_hed, tf.float32), 1)), 0.0, 1.0)
+
+
+def colour_jitter(image: tf.Tensor, stain: bool = False) -> tf.Tensor:
+    """Random photometric changes on a float RGB image in [0, 255] (``stain``: HED jitter half the time)."""
     x = image / 255.0
+    if stain:
+        x = tf.where(tf.random.uniform([]) < 0.5, stain_jitter(x), x)
     x = tf.where(tf.random.uniform([]) < 0.5, 1.0 - x, x)  # dark-field <-> bright-field
     x = tf.where(tf.random.uniform([]) < 0.25, tf.repeat(tf.reduce_mean(x, -1, keepdims=True), 3, -1), x)
     x = tf.where(tf.random.uniform([]) < 0.3, tf.gather(x, tf.random.shuffle(tf.range(3)), axis=-1), x)
@@ -71,7 +87,7 @@ def augment(image: tf.Tensor, target: tf.Tensor, config: TrainConfig, out_size: 
         target = target[..., None]
     image, target = random_affine(image, target, config, out_size)
     if config.colour:
-        image = colour_jitter(image)
+        image = colour_jitter(image, config.stain)
     return image, target
 
 

@@ -40,11 +40,13 @@ class TrainConfig:
     learning_rate: float = 1e-3
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 5% over the whole run
     boundary_weight: float = 1.0  # loss weight of boundary pixels (3-class target)
+    precision: Literal["float32", "mixed_bfloat16"] = "float32"  # training only; the export is float32
     # augmentation
     rotation: float = 0.1  # fraction of a full turn, as keras.layers.RandomRotation
     zoom: float = 0.1  # relative zoom range (log-uniform between 1/(1+z) and 1+z for z>0)
     flip: bool = True
-    colour: bool = False  # stain / intensity / inversion / grayscale jitter
+    colour: bool = False  # intensity / inversion / grayscale / hue jitter
+    stain: bool = False  # also H&E (HED optical density) stain jitter, half the time (needs colour)
     balance_modalities: bool = False  # oversample the rare bright-field and H&E images
     # post-processing defaults (thresholds are re-tuned on validation and stored in metadata)
     min_size: int = 10
@@ -82,7 +84,7 @@ PRESETS: dict[str, TrainConfig] = {
         fine_tune=True,
         fine_tune_from="block_3_expand",  # measured: 0.91 s/step vs 1.22 s/step for the whole encoder
         dropout=0.0,
-        epochs=24,
+        epochs=28,  # 5,600 steps: bfloat16 steps are 0.72 s vs 0.95 s in float32 (measured), same budget
         batch_size=8,
         steps_per_epoch=200,
         learning_rate=1e-3,
@@ -91,7 +93,9 @@ PRESETS: dict[str, TrainConfig] = {
         rotation=0.5,
         zoom=0.5,
         colour=True,
+        stain=True,
         balance_modalities=True,
+        precision="mixed_bfloat16",
     ),
 }
 

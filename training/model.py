@@ -6,6 +6,7 @@ owns its input normalisation. It returns per-pixel class logits.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import keras
@@ -88,5 +89,23 @@ def build_unet(config: TrainConfig, fixed_size: bool | None = None) -> keras.Mod
     for i, (filters, skip) in enumerate(zip(config.decoder_filters, reversed(skips))):
         x = upsample(filters, 3, config.dropout, name=f"up_{i}")(x)
         x = layers.Concatenate(name=f"skip_{i}")([x, skip])
-    logits = layers.Conv2DTranspose(config.num_classes, 3, strides=2, padding="same", name="logits")(x)
+    # logits in float32 whatever the training precision: softmax and loss stay exact
+    logits = layers.Conv2DTranspose(config.num_classes, 3, strides=2, padding="same", name="logits",
+                                    dtype="float32")(x)
     return keras.Model(inputs=inputs, outputs=logits, name="unet_mobilenetv2")
+
+
+def float32_copy(model: keras.Model, config: TrainConfig, fixed_size: bool | None = None) -> keras.Model:
+    """The same network computing in float32, with ``model``'s weights (for a mixed-precision model).
+
+    Models trained in ``mixed_bfloat16`` compute in bfloat16, which CPUs without native bf16
+    support emulate slowly; serving always gets this float32 twin (the weights are float32 anyway).
+    """
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        twin = build_unet(replace(config, encoder_weights="none"), fixed_size)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    twin.set_weights(model.get_weights())
+    return twin

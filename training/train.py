@@ -25,7 +25,7 @@ from training import augment, figures
 from training.config import PRESETS, TrainConfig, preset
 from training.data import NucleiDataset, fingerprint, load_dataset, resize_image
 from training.export import build_metadata, export_model
-from training.model import build_unet
+from training.model import build_unet, float32_copy
 from training.split import modality, sampling_probabilities, split_ids
 from training.targets import make_target, scale_to_canonical
 
@@ -127,7 +127,12 @@ def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bo
     val_set = prepare(dataset.subset(val_ids), config, groups)
     train_ds, val_ds, steps = make_datasets(train_set, val_set, config)
 
-    model = build_unet(config, fixed_size=True if config.inference == "resize" else None)
+    fixed_size = True if config.inference == "resize" else None
+    keras.mixed_precision.set_global_policy(config.precision)
+    try:
+        model = build_unet(config, fixed_size=fixed_size)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")  # only this model's layers take the policy
     compile_model(model, config, steps)
     write_architecture(model, run_dir)
     params = count_params(model)
@@ -164,7 +169,8 @@ def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bo
                "training": {k: metrics[k] for k in ("epochs", "steps_per_epoch", "fit_seconds",
                                                     "train_images_per_second", "parameters")}},
     )
-    model_dir = export_model(model, run_dir / "model", metadata,
+    served = model if config.precision == "float32" else float32_copy(model, config, fixed_size)
+    model_dir = export_model(served, run_dir / "model", metadata,
                              fixed_size=config.image_size if config.inference == "resize" else None)
     metrics["total_seconds"] = round(time.time() - started, 1)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
