@@ -155,6 +155,16 @@ def profile_table(profiles: list[dict], http_mean: float | None = None) -> list[
     return rows + [""]
 
 
+#: Hand-written notes after this line in the output file survive a rerun (they discuss the numbers).
+NOTES_MARKER = "<!-- notes: kept by serve_bench -->"
+
+
+def kept_notes(path: Path) -> str:
+    """The notes section of an existing report (from :data:`NOTES_MARKER` on), else just the marker."""
+    text = path.read_text() if path.is_file() else ""
+    return text[text.index(NOTES_MARKER):] if NOTES_MARKER in text else f"\n{NOTES_MARKER}\n"
+
+
 # ---------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     lines.extend(profile_table(profiles))
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    args.out.write_text(text + kept_notes(args.out))
     print(text)
 
 
