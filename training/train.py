@@ -197,6 +197,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--encoder-weights", help="imagenet, none, or a .weights.h5 path")
     parser.add_argument("--fine-tune", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--precision", choices=["float32", "mixed_bfloat16"],
+                        help="training arithmetic; mixed_bfloat16 needs a CPU with native bf16 (e.g. AVX512_BF16) to be fast")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--val-fraction", type=float)
     parser.add_argument("--no-evaluate", action="store_true", help="skip the DSB2018 evaluation at the end")
@@ -204,7 +206,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     config = preset(args.preset).override(
         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, image_size=args.image_size,
         batch_size=args.batch_size, learning_rate=args.learning_rate, encoder_weights=args.encoder_weights,
-        fine_tune=args.fine_tune, seed=args.seed, val_fraction=args.val_fraction,
+        fine_tune=args.fine_tune, seed=args.seed, val_fraction=args.val_fraction, precision=args.precision,
     )
     return config, args
 
