@@ -41,16 +41,18 @@ def instances_from_probabilities(probs: np.ndarray, params: PostprocessParams) -
         labels = connected_components(foreground, connectivity=1)
     else:
         interior = probs[..., 1]
-        seeds = connected_components(interior > params.seed_threshold, connectivity=1)
-        seeds = remove_small_objects(seeds, max_size=max(0, params.min_size // 4 - 1))
+        seeds = remove_small_objects(interior > params.seed_threshold, max_size=max(0, params.min_size // 4 - 1))
+        seeds = connected_components(seeds, connectivity=1)
         labels = watershed(-interior, markers=seeds, mask=foreground)
     return clean_labels(labels, params.min_size)
 
 
 def clean_labels(labels: np.ndarray, min_size: int) -> np.ndarray:
     """Drop instances under ``min_size`` pixels, fill holes, renumber 1..N (``int32``)."""
-    if min_size > 1:
+    if min_size > 1 and labels.max() > 1:
         labels = remove_small_objects(labels, max_size=min_size - 1)
+    elif min_size > 1:  # one instance: skimage wants a boolean image then (and warns otherwise)
+        labels = labels * remove_small_objects(labels > 0, max_size=min_size - 1)
     labels = fill_holes(labels)
     relabelled, _, _ = relabel_sequential(labels.astype(np.int32, copy=False))
     return relabelled.astype(np.int32, copy=False)

@@ -169,3 +169,12 @@ def test_mixed_precision_model_is_served_as_a_float32_twin():
     low = tf.nn.softmax(model(batch, training=False), -1).numpy()
     full = tf.nn.softmax(twin(batch, training=False), -1).numpy()
     assert np.abs(low - full).max() < 0.05  # same weights; only bfloat16 rounding differs
+
+
+def test_cli_overrides_the_preset_precision():
+    from training.train import parse_args
+
+    config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best"])
+    assert config.precision == "mixed_bfloat16" and config.stain
+    config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best", "--precision", "float32"])
+    assert config.precision == "float32"
