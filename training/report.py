@@ -130,7 +130,11 @@ time over the validation images on the 2-core machine, during the evaluation run
 - Fit time is wall time on the 2-core machine; `docs/training.md` says what else ran meanwhile.
 - Size normalisation: the rescaled pass is kept only if it keeps at least half the first pass's
   foreground. This guard was added after reading the worst validation images (small images whose
-  nuclei vanished when upscaled); the ablations are in `docs/training.md`.
+  nuclei vanished when upscaled), and the half-scale first look after measuring on validation
+  images how far the native size estimate was off; both are ablated in `docs/training.md`.
+- The tuning score in brackets above is lower than the table's because tuning scores every
+  threshold pair on probabilities computed once with the previous thresholds (which also chose
+  each image's scale); the table re-runs everything with the tuned ones.
 - Speed of a 1-megapixel image through the server: `docs/performance.md`
   (`python -m benchmarks.serve_bench`).
 
