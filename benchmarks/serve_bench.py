@@ -24,12 +24,17 @@ import numpy as np
 from benchmarks.harness import ROOT, Server, big_image, drive, pct, png_bytes, real_images
 
 # ---------------------------------------------------------------- in-process
-def model_alone(model_dir: Path, tile: int, batch_sizes=(1, 2, 4, 8, 16), repeats: int = 5) -> dict[int, float]:
-    """Seconds per tile of the network alone, per batch size (median of ``repeats`` calls)."""
+def loaded_model(model_dir: Path):  # noqa: ANN201 (SegmentationModel; TensorFlow is imported lazily)
+    """The model, loaded and warmed once for every in-process measurement."""
     from service.model import SegmentationModel
 
     model = SegmentationModel.load(model_dir)
     model.warm()
+    return model
+
+
+def model_alone(model, tile: int, batch_sizes=(1, 2, 4, 8, 16), repeats: int = 5) -> dict[int, float]:  # noqa: ANN001
+    """Seconds per tile of the network alone, per batch size (median of ``repeats`` calls)."""
     rng = np.random.default_rng(0)
     result = {}
     for b in batch_sizes:
@@ -45,7 +50,7 @@ def model_alone(model_dir: Path, tile: int, batch_sizes=(1, 2, 4, 8, 16), repeat
 
 
 class RecordingModel:
-    """Wraps a loaded model's network call to record each call's batch shape and time."""
+    """Wraps a loaded model's network call to record each call's batch shape and time (until ``restore``)."""
 
     def __init__(self, model) -> None:  # noqa: ANN001 (SegmentationModel; imported lazily)
         self.model = model
@@ -64,8 +69,12 @@ class RecordingModel:
     def reset(self) -> None:
         self.calls, self.seconds = [], 0.0
 
+    def restore(self) -> None:
+        """Give the model back its own network call."""
+        del self.model.predict_now  # the instance attribute goes; the class's method shows again
 
-def profile_requests(model_dir: Path, images: list[np.ndarray], repeats: int = 3) -> tuple[list[dict], list[list]]:
+
+def profile_requests(model, images: list[np.ndarray], repeats: int = 3) -> tuple[list[dict], list[list]]:  # noqa: ANN001
     """Median seconds of each step of the request path per image, in-process, and its model calls.
 
     The network's share of ``segment`` is timed inside it, so "post-process and resizing" is the
@@ -73,41 +82,37 @@ def profile_requests(model_dir: Path, images: list[np.ndarray], repeats: int = 3
     """
     from service.decode import decode_image
     from service.encode import mask_png
-    from service.model import SegmentationModel
     from service.pipeline import SegmentOptions, segment
 
-    model = SegmentationModel.load(model_dir)
-    model.warm()
     recorder = RecordingModel(model)
     profiles, calls = [], []
-    for image in images:
-        data = png_bytes(image)
-        steps: dict[str, list[float]] = {k: [] for k in PROFILE_STEPS}
-        for _ in range(repeats):
-            recorder.reset()
-            t0 = time.perf_counter()
-            rgb = decode_image(data)
-            t1 = time.perf_counter()
-            labels = segment(rgb, model, SegmentOptions()).labels
-            t2 = time.perf_counter()
-            mask_png(labels)  # the benchmark's requests ask for the default format, the PNG mask
-            t3 = time.perf_counter()
-            for key, value in zip(PROFILE_STEPS, (t1 - t0, recorder.seconds, t2 - t1 - recorder.seconds, t3 - t2)):
-                steps[key].append(value)
-        profiles.append({k: statistics.median(v) for k, v in steps.items()})
-        calls.append(list(recorder.calls))
+    try:
+        for image in images:
+            data = png_bytes(image)
+            steps: dict[str, list[float]] = {k: [] for k in PROFILE_STEPS}
+            for _ in range(repeats):
+                recorder.reset()
+                t0 = time.perf_counter()
+                rgb = decode_image(data)
+                t1 = time.perf_counter()
+                labels = segment(rgb, model, SegmentOptions()).labels
+                t2 = time.perf_counter()
+                mask_png(labels)  # the benchmark's requests ask for the default format, the PNG mask
+                t3 = time.perf_counter()
+                for key, value in zip(PROFILE_STEPS, (t1 - t0, recorder.seconds, t2 - t1 - recorder.seconds, t3 - t2)):
+                    steps[key].append(value)
+            profiles.append({k: statistics.median(v) for k, v in steps.items()})
+            calls.append(list(recorder.calls))
+    finally:
+        recorder.restore()
     return profiles, calls
 
 
 PROFILE_STEPS = ("decode", "network (model calls)", "normalise, resize, blend, post-process", "encode (PNG mask)")
 
 
-def replay_latency(model_dir: Path, calls: list[list[tuple[int, ...]]], repeats: int = 3) -> list[float]:
+def replay_latency(model, calls: list[list[tuple[int, ...]]], repeats: int = 3) -> list[float]:  # noqa: ANN001
     """Model alone for one request at a time: per image, the network calls ``segment`` made, replayed."""
-    from service.model import SegmentationModel
-
-    model = SegmentationModel.load(model_dir)
-    model.warm()
     rng = np.random.default_rng(0)
     seconds = []
     for shapes in calls:
@@ -122,12 +127,8 @@ def replay_latency(model_dir: Path, calls: list[list[tuple[int, ...]]], repeats:
     return seconds
 
 
-def replay_batched(model_dir: Path, calls: list[list[tuple[int, ...]]], batch: int) -> float:
+def replay_batched(model, calls: list[list[tuple[int, ...]]], batch: int) -> float:  # noqa: ANN001
     """Model alone at its best: seconds per image when all images' tiles run in batches of ``batch``."""
-    from service.model import SegmentationModel
-
-    model = SegmentationModel.load(model_dir)
-    model.warm()
     by_shape: dict[tuple[int, ...], int] = {}
     for shapes in calls:
         for shape in shapes:
@@ -196,14 +197,13 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         server.stop()
 
-    from service.model import SegmentationModel
-
-    tile = SegmentationModel.load(args.model_dir).spec.image_size
-    per_tile = model_alone(args.model_dir, tile)
+    model = loaded_model(args.model_dir)
+    tile = model.spec.image_size
+    per_tile = model_alone(model, tile)
     best_batch = min(per_tile, key=per_tile.get)
-    profiles, calls = profile_requests(args.model_dir, images)
-    alone_latency_1 = statistics.median(replay_latency(args.model_dir, calls))
-    alone_images_per_s = 1.0 / replay_batched(args.model_dir, calls, best_batch)
+    profiles, calls = profile_requests(model, images)
+    alone_latency_1 = statistics.median(replay_latency(model, calls))
+    alone_images_per_s = 1.0 / replay_batched(model, calls, best_batch)
     tiles_per_image = sum(shape[0] * shape[1] * shape[2] for c in calls for shape in c) / tile**2 / len(calls)
 
     lines.append("## Throughput and latency (256x256 images)\n")
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"(min {min(cold):.1f}, max {max(cold):.1f}).\n")
 
     lines.append("## Where the time of one request goes (1 MP image, in-process)\n")
-    profiles, _ = profile_requests(args.model_dir, [big_image(images[0], 1.0)])
+    profiles, _ = profile_requests(model, [big_image(images[0], 1.0)])
     lines.extend(profile_table(profiles))
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,12 +16,11 @@ from dataclasses import replace
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from training.config import preset  # noqa: E402
-from training.model import build_unet  # noqa: E402
+from training.model import build_unet, precision  # noqa: E402
 from training.train import compile_model  # noqa: E402
 
 VARIANTS = {
@@ -33,11 +32,8 @@ VARIANTS = {
 
 
 def step_seconds(config, jit: bool = False, steps: int = 8) -> float:
-    keras.mixed_precision.set_global_policy(config.precision)
-    try:
+    with precision(config.precision):
         model = build_unet(config, fixed_size=None)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
     compile_model(model, config)
     if jit:
         model.compile(optimizer=model.optimizer, loss=model.loss, jit_compile=True)

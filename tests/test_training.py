@@ -152,16 +152,11 @@ def test_stain_jitter_keeps_range_and_is_the_identity_at_zero_strength():
 
 
 def test_mixed_precision_model_is_served_as_a_float32_twin():
-    import keras
-
-    from training.model import float32_copy
+    from training.model import float32_copy, precision
 
     config = tiny_config("best").override(precision="mixed_bfloat16")
-    keras.mixed_precision.set_global_policy(config.precision)
-    try:
+    with precision(config.precision):
         model = build_unet(config)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
     assert model.get_layer("up_0").compute_dtype == "bfloat16" and model.output.dtype == "float32"
     twin = float32_copy(model, config)
     assert all(layer.compute_dtype == "float32" for layer in twin.layers)

@@ -6,6 +6,8 @@ owns its input normalisation. It returns per-pixel class logits.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -101,11 +103,21 @@ def float32_copy(model: keras.Model, config: TrainConfig, fixed_size: bool | Non
     Models trained in ``mixed_bfloat16`` compute in bfloat16, which CPUs without native bf16
     support emulate slowly; serving always gets this float32 twin (the weights are float32 anyway).
     """
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
+    with precision("float32"):
         twin = build_unet(replace(config, encoder_weights="none"), fixed_size)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     twin.set_weights(model.get_weights())
     return twin
+
+
+@contextmanager
+def precision(policy: str) -> Iterator[None]:
+    """Build layers under Keras dtype ``policy`` (e.g. ``config.precision``); the global policy is restored after.
+
+    Layers take the policy when they are created, so only the model built inside the block is affected.
+    """
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)

@@ -25,7 +25,7 @@ from training import augment, figures
 from training.config import PRESETS, TrainConfig, preset
 from training.data import NucleiDataset, fingerprint, load_dataset, resize_image
 from training.export import build_metadata, export_model
-from training.model import build_unet, float32_copy
+from training.model import build_unet, float32_copy, precision
 from training.split import modality, sampling_probabilities, split_ids
 from training.targets import make_target, scale_to_canonical
 
@@ -128,11 +128,8 @@ def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bo
     train_ds, val_ds, steps = make_datasets(train_set, val_set, config)
 
     fixed_size = True if config.inference == "resize" else None
-    keras.mixed_precision.set_global_policy(config.precision)
-    try:
+    with precision(config.precision):
         model = build_unet(config, fixed_size=fixed_size)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")  # only this model's layers take the policy
     compile_model(model, config, steps)
     write_architecture(model, run_dir)
     params = count_params(model)
