@@ -18,7 +18,7 @@ from training import augment
 from training.data import DataError, data_load, load_dataset
 from training.export import export_model
 from training.model import build_unet
-from training.targets import boundary_target
+from training.targets import CLASS_OF_CODE, CONTACT, GAP, boundary_target
 
 
 def test_loader_merges_masks_and_handles_modes(dataset_dir: Path):
@@ -66,12 +66,34 @@ def test_boundary_target_separates_touching_nuclei():
     labels[5:15, 5:15] = 1
     labels[5:15, 15:25] = 2
     target = boundary_target(labels, width=2)
-    assert set(np.unique(target)) == {0, 1, 2}
-    assert (target[5:15, 13:17] == 2).all()  # the shared edge is boundary on both sides
-    interior = target == 1
+    classes = CLASS_OF_CODE[target]
+    assert set(np.unique(classes)) == {0, 1, 2}
+    assert (classes[5:15, 13:17] == 2).all()  # the shared edge is boundary on both sides
+    assert (target[6:14, 13:17] == CONTACT).all()  # ... and marked as a contact, weighted more
+    assert (target[5:15, 5:7] == 2).all()  # an edge facing background is plain boundary
+    interior = classes == 1
     from scipy import ndimage as ndi
 
     assert ndi.label(interior)[1] == 2  # interiors of touching nuclei do not touch
+
+
+def test_gap_between_close_nuclei_is_marked_but_lone_background_is_not():
+    labels = np.zeros((20, 40), np.int32)
+    labels[5:15, 5:15] = 1
+    labels[5:15, 16:26] = 2  # one background column between 1 and 2
+    labels[5:15, 33:38] = 3  # far from everything
+    target = boundary_target(labels, width=2)
+    assert (target[6:14, 15] == GAP).all()
+    assert not (target[:, 27:33] == GAP).any()
+    assert (target[5:15, 36:38] == 2).all() and not (target[:, 30:] == CONTACT).any()
+
+
+def test_loss_weights_follow_the_target_codes():
+    config = tiny_config("best").override(boundary_weight=2.0, contact_weight=5.0)
+    codes = tf.constant(np.arange(5, dtype=np.uint8).reshape(1, 5, 1))
+    _, classes, weights = augment.with_weights(tf.zeros((1, 5, 3)), codes, config)
+    assert classes.numpy().tolist() == [[0, 1, 2, 2, 0]]
+    assert weights.numpy().tolist() == [[1.0, 1.0, 2.0, 10.0, 5.0]]
 
 
 def test_augmentation_keeps_image_and_mask_aligned():

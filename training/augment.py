@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from training.config import TrainConfig
+from training.targets import CLASS_OF_CODE
 
 
 def random_affine(image: tf.Tensor, target: tf.Tensor, config: TrainConfig, out_size: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -91,11 +92,17 @@ def augment(image: tf.Tensor, target: tf.Tensor, config: TrainConfig, out_size: 
     return image, target
 
 
-def with_weights(image: tf.Tensor, target: tf.Tensor, boundary_weight: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Attach per-pixel loss weights that up-weight the thin, rare boundary class."""
-    target = tf.squeeze(target, -1)
-    weights = tf.where(target == 2, boundary_weight, 1.0)
-    return image, target, weights
+def with_weights(image: tf.Tensor, target: tf.Tensor, config: TrainConfig) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Target codes -> (image, class, per-pixel loss weight).
+
+    The thin, rare boundary class weighs ``boundary_weight``; where nuclei touch (codes
+    ``CONTACT`` and ``GAP``) the weight is multiplied by ``contact_weight``.
+    """
+    target = tf.cast(tf.squeeze(target, -1), tf.int32)
+    contact = config.contact_weight
+    weights = tf.gather(tf.constant([1.0, 1.0, config.boundary_weight, config.boundary_weight * contact, contact]),
+                        target)
+    return image, tf.gather(tf.constant(CLASS_OF_CODE), target), weights
 
 
 def resize_dataset(images: np.ndarray, targets: np.ndarray, config: TrainConfig, training: bool) -> tf.data.Dataset:
@@ -106,7 +113,7 @@ def resize_dataset(images: np.ndarray, targets: np.ndarray, config: TrainConfig,
         ds = ds.map(lambda x, y: augment(x, y, config, config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
     else:
         ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y[..., None]))
-    ds = ds.map(lambda x, y: with_weights(x, y, config.boundary_weight))
+    ds = ds.map(lambda x, y: with_weights(x, y, config))
     return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
 
 
@@ -133,7 +140,7 @@ def crop_dataset(images: list[np.ndarray], targets: list[np.ndarray], probabilit
         output_signature=(tf.TensorSpec((crop, crop, 3), tf.uint8), tf.TensorSpec((crop, crop), tf.uint8)),
     )
     ds = ds.map(lambda x, y: augment(x, y, config, config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.map(lambda x, y: with_weights(x, y, config.boundary_weight))
+    ds = ds.map(lambda x, y: with_weights(x, y, config))
     return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
 
 

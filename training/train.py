@@ -27,7 +27,7 @@ from training.data import NucleiDataset, fingerprint, load_dataset, resize_image
 from training.export import build_metadata, export_model
 from training.model import build_unet, float32_copy, precision
 from training.split import modality, sampling_probabilities, split_ids
-from training.targets import make_target, scale_to_canonical
+from training.targets import CLASS_OF_CODE, make_target, scale_to_canonical
 
 CLASS_NAMES = {2: ["background", "nucleus"], 3: ["background", "interior", "boundary"]}
 
@@ -103,6 +103,7 @@ def predictions_figure(model: keras.Model, val: Prepared, config: TrainConfig, p
     idx = np.linspace(0, len(val.images) - 1, num=min(count, len(val.images))).astype(int)
     x, y = augment.centre_crops([val.images[i] for i in idx], [val.targets[i] for i in idx], config.image_size)
     pred = np.argmax(model.predict(x.astype(np.float32), verbose=0), axis=-1)
+    y = CLASS_OF_CODE[y]
     figures.image_grid([list(x), list(y), list(pred)], ["image", "true mask", "predicted mask"], path,
                        cmaps=[None, "viridis", "viridis"])
 
