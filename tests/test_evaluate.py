@@ -12,7 +12,7 @@ from service.model import SegmentationModel
 from service.pipeline import segment
 from training.data import load_dataset
 from training.evaluate import main as evaluate_main
-from training.evaluate import tune_thresholds
+from training.evaluate import SEED_GRID, SIGMA_GRID, tune_thresholds
 from training.matching import score_image
 
 
@@ -43,8 +43,9 @@ def test_tune_thresholds_stores_them_in_metadata(tile_run: Path, dataset_dir: Pa
     meta = json.loads((model_dir / "metadata.json").read_text())
     assert meta["postprocess"]["foreground_threshold"] == chosen["foreground_threshold"]
     assert "tuned_on" in meta["postprocess"]
-    assert SegmentationModel.load(model_dir).spec.postprocess.seed_threshold == chosen["seed_threshold"]
-    assert np.isfinite(chosen["seed_threshold"])
+    served = SegmentationModel.load(model_dir).spec.postprocess
+    assert (served.seed_threshold, served.seed_sigma) == (chosen["seed_threshold"], chosen["seed_sigma"])
+    assert chosen["seed_threshold"] in SEED_GRID and chosen["seed_sigma"] in SIGMA_GRID
 
 
 def test_report_is_built_from_the_runs(tile_run: Path, dataset_dir: Path, tmp_path: Path):

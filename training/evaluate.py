@@ -30,6 +30,7 @@ from training.split import MODALITIES, modality
 
 FOREGROUND_GRID = (0.45, 0.55, 0.6, 0.65, 0.7, 0.75)
 SEED_GRID = (0.4, 0.5, 0.6, 0.7, 0.8)
+SIGMA_GRID = (0.0, 1.0)
 
 
 def split_samples(model: SegmentationModel, data_dir: Path, split: str) -> NucleiDataset:
@@ -150,7 +151,7 @@ def worst_figure(dataset: NucleiDataset, predictions: dict, rows: list[dict], pa
 
 
 def tune_thresholds(model_dir: Path, data_dir: Path, limit: int | None = None) -> dict:
-    """Pick foreground/seed thresholds maximising the DSB2018 score on the validation split.
+    """Pick foreground/seed thresholds and seed smoothing maximising the DSB2018 score on validation.
 
     Probabilities are computed once per image (the scale chosen with the current thresholds),
     then every threshold pair is decoded and scored. The winner is stored in the model metadata.
@@ -161,15 +162,15 @@ def tune_thresholds(model_dir: Path, data_dir: Path, limit: int | None = None) -
     cached = [(s.labels, segment(s.image, model).probabilities) for s in samples]
     base = model.spec.postprocess
     results = []
-    for fg, seed in itertools.product(FOREGROUND_GRID, SEED_GRID):
-        params = replace(base, foreground_threshold=fg, seed_threshold=seed)
+    for fg, seed, sigma in itertools.product(FOREGROUND_GRID, SEED_GRID, SIGMA_GRID):
+        params = replace(base, foreground_threshold=fg, seed_threshold=seed, seed_sigma=sigma)
         scores = [score_image(t, instances_from_probabilities(p, params)).score for t, p in cached]
-        results.append((float(np.mean(scores)), fg, seed))
-    best_score, fg, seed = max(results)
-    chosen = {**asdict(base), "foreground_threshold": fg, "seed_threshold": seed,
+        results.append((float(np.mean(scores)), fg, seed, sigma))
+    best_score, fg, seed, sigma = max(results)
+    chosen = {**asdict(base), "foreground_threshold": fg, "seed_threshold": seed, "seed_sigma": sigma,
               "tuned_on": f"validation split ({len(samples)} images), DSB2018 score {best_score:.4f}"}
     update_metadata(model_dir, {"postprocess": chosen})
-    print(f"thresholds: foreground {fg}, seed {seed} -> validation DSB2018 score {best_score:.4f}")
+    print(f"thresholds: foreground {fg}, seed {seed}, seed smoothing {sigma} px -> validation DSB2018 score {best_score:.4f}")
     return chosen
 
 

@@ -108,7 +108,8 @@ time over the validation images on the 2-core machine, during the evaluation run
   {m['parameters']['total']:,} parameters.
 - Recipe: every image rescaled so its median nucleus is {cfg['canonical_diameter']} px across;
   targets background / interior / boundary ({cfg['boundary_width']} px rims, boundary loss weight
-  {cfg['boundary_weight']}); ImageNet MobileNetV2 encoder fine-tuned from `{cfg['fine_tune_from']}`
+  {cfg['boundary_weight']}, times {cfg.get('contact_weight', 1.0)} where two nuclei touch: their rims and
+  the background between them); ImageNet MobileNetV2 encoder fine-tuned from `{cfg['fine_tune_from']}`
   (BatchNorm kept in inference mode); Adam {cfg['learning_rate']} with cosine decay; augmentation:
   rotation, log-uniform zoom x/÷{1 + cfg['zoom']}, flips, inversion, grayscale, channel shuffle, hue,
   saturation, contrast, gamma, noise{', H&E stain (HED optical density) jitter' if cfg.get('stain') else ''};
@@ -120,7 +121,8 @@ time over the validation images on the 2-core machine, during the evaluation run
   scale (kept when the nuclei there are still at least 3/4 of the canonical size, i.e. large),
   else from a native pass; when it is off the canonical size, the image is rescaled and run
   again (at most twice); a watershed seeded by
-  interior probability > {post['seed_threshold']} over foreground probability > {post['foreground_threshold']}
+  interior probability > {post['seed_threshold']} (smoothed with a Gaussian of
+  {post.get('seed_sigma', 0.0)} px) over foreground probability > {post['foreground_threshold']}
   separates touching nuclei; nuclei under {post['min_size']} px are dropped. ({post.get('tuned_on', '')})
 
 ## Notes

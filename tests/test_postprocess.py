@@ -1,0 +1,54 @@
+"""Instance decoding of class probabilities (the post-processing that the evaluation scores)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.postprocess import PostprocessParams, instances_from_probabilities
+
+
+def three_class(interior: np.ndarray, boundary: np.ndarray) -> np.ndarray:
+    """(H, W, 3) probabilities from interior and boundary maps (background takes the rest)."""
+    return np.stack([1.0 - interior - boundary, interior, boundary], axis=-1).astype(np.float32)
+
+
+def disc(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2
+
+
+def test_a_predicted_boundary_separates_touching_nuclei():
+    left, right = disc((30, 50), (15, 16), 9), disc((30, 50), (15, 33), 9)
+    touching = left | right
+    boundary = touching & ~(disc((30, 50), (15, 16), 7) | disc((30, 50), (15, 33), 7))
+    probs = three_class(np.where(touching & ~boundary, 0.9, 0.0), np.where(boundary, 0.9, 0.0))
+    labels = instances_from_probabilities(probs, PostprocessParams(0.5, 0.5, 10))
+    assert labels.max() == 2 and labels[15, 16] != labels[15, 33]
+    for centre, true in (((15, 16), left), ((15, 33), right)):
+        found = labels == labels[centre]
+        assert (found & true).sum() / (found | true).sum() > 0.85  # each nucleus whole, boundary included
+
+
+def test_seed_smoothing_keeps_a_one_pixel_dip_from_splitting_a_nucleus():
+    nucleus = disc((40, 40), (20, 20), 12)
+    interior = np.where(nucleus, 0.9, 0.0)
+    interior[:, 20] = np.where(nucleus[:, 20], 0.5, 0.0)  # a thin line below the seed threshold
+    probs = three_class(interior, np.zeros_like(interior))
+    split = instances_from_probabilities(probs, PostprocessParams(0.3, 0.6, 10))
+    smoothed = instances_from_probabilities(probs, PostprocessParams(0.3, 0.6, 10, seed_sigma=1.0))
+    assert split.max() == 2
+    assert smoothed.max() == 1
+    assert np.array_equal(smoothed > 0, split > 0)  # smoothing moves seeds, never the foreground
+
+
+def test_params_from_metadata_default_to_no_smoothing():
+    assert PostprocessParams.from_dict({"seed_threshold": 0.7}).seed_sigma == 0.0
+    params = PostprocessParams.from_dict({"seed_sigma": 1.0, "tuned_on": "validation", "min_size": 3})
+    assert (params.seed_sigma, params.min_size) == (1.0, 3)
+
+
+def test_nuclei_below_min_size_are_dropped():
+    probs = three_class(np.where(disc((30, 30), (8, 8), 5), 0.9, 0.0) + np.where(disc((30, 30), (22, 22), 1), 0.9, 0.0),
+                        np.zeros((30, 30)))
+    labels = instances_from_probabilities(probs, PostprocessParams(0.5, 0.5, 10))
+    assert labels.max() == 1 and labels[8, 8] == 1 and labels[22, 22] == 0
