@@ -6,7 +6,6 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 
 from service.model import SegmentationModel
 from service.pipeline import segment
