@@ -66,6 +66,12 @@ def target_note(summary: dict) -> str:
     return f"{goal} NOT met: {', '.join(missed)}." if missed else f"{goal} met."
 
 
+def contact_note(cfg: dict) -> str:
+    """The extra loss weight where nuclei touch, when the recipe used one (empty otherwise)."""
+    weight = cfg.get("contact_weight", 1.0)
+    return "" if weight == 1.0 else f", times {weight} where two nuclei touch: their rims and the gap between them"
+
+
 def write_report(best_run: Path, reference_run: Path, data_dir: Path, out: Path) -> Path:
     best, ref = load_run(best_run), load_run(reference_run)
     for name in ("curves.png", "predictions.png"):
@@ -108,8 +114,7 @@ time over the validation images on the 2-core machine, during the evaluation run
   {m['parameters']['total']:,} parameters.
 - Recipe: every image rescaled so its median nucleus is {cfg['canonical_diameter']} px across;
   targets background / interior / boundary ({cfg['boundary_width']} px rims, boundary loss weight
-  {cfg['boundary_weight']}, times {cfg.get('contact_weight', 1.0)} where two nuclei touch: their rims and
-  the background between them); ImageNet MobileNetV2 encoder fine-tuned from `{cfg['fine_tune_from']}`
+  {cfg['boundary_weight']}{contact_note(cfg)}); ImageNet MobileNetV2 encoder fine-tuned from `{cfg['fine_tune_from']}`
   (BatchNorm kept in inference mode); Adam {cfg['learning_rate']} with cosine decay; augmentation:
   rotation, log-uniform zoom x/÷{1 + cfg['zoom']}, flips, inversion, grayscale, channel shuffle, hue,
   saturation, contrast, gamma, noise{', H&E stain (HED optical density) jitter' if cfg.get('stain') else ''};
