@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import keras
 import numpy as np
@@ -195,7 +196,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--encoder-weights", help="imagenet, none, or a .weights.h5 path")
     parser.add_argument("--fine-tune", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--precision", choices=["float32", "mixed_bfloat16"],
+    parser.add_argument("--precision", choices=get_args(get_type_hints(TrainConfig)["precision"]),
                         help="training arithmetic; mixed_bfloat16 needs a CPU with native bf16 (e.g. AVX512_BF16) to be fast")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--val-fraction", type=float)
