@@ -4,7 +4,8 @@
 
 Batch of 8 random 256x256 crops, constant data (so the input pipeline is not measured), median
 of 8 steps after 3 warm-up steps, for: whole encoder fine-tuned, fine-tuned from
-``block_3_expand`` in float32 and in mixed bfloat16 (the preset), frozen encoder, and XLA compilation.
+``block_3_expand`` in float32 and in mixed bfloat16 (the preset), frozen encoder, the decoder
+variants (the earlier wide pix2pix decoder, the thin one without refine convs), and XLA compilation.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ VARIANTS = {
     "fine-tuned from block_3_expand, float32": dict(precision="float32"),
     "fine-tuned from block_3_expand, mixed_bfloat16 (preset)": dict(),
     "frozen encoder": dict(fine_tune=False, precision="float32"),
+    "pix2pix decoder (512, 256, 128, 64), no refine convs, mixed_bfloat16": dict(
+        decoder_filters=(512, 256, 128, 64), decoder_convs=0),
+    "decoder (256, 128, 64, 32), no refine convs, mixed_bfloat16": dict(decoder_convs=0),
 }  # changes applied with dataclasses.replace (None is a real value here)
 
 

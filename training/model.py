@@ -1,5 +1,8 @@
 """Build the U-Net: MobileNetV2 encoder (transfer learning) + pix2pix upsample decoder.
 
+Each decoder level upsamples (pix2pix block), joins the encoder's skip activation and, with
+``decoder_convs`` > 0, refines the join with 3x3 convolutions before the next level.
+
 The network takes ``uint8``-valued RGB (as float) and scales it itself, so the exported model
 owns its input normalisation. It returns per-pixel class logits.
 """
@@ -47,6 +50,12 @@ def upsample(filters: int, size: int, apply_dropout: float = 0.0, name: str | No
     return keras.Sequential(block, name=name)
 
 
+def conv_block(filters: int, name: str | None = None) -> keras.Sequential:
+    """3x3 Conv -> BatchNorm -> ReLU: mixes the upsampled features with the skip they were joined to."""
+    return keras.Sequential([layers.Conv2D(filters, 3, padding="same", use_bias=False),
+                             layers.BatchNormalization(), layers.ReLU()], name=name)
+
+
 def build_encoder(config: TrainConfig, input_shape: tuple[int | None, int | None, int]) -> keras.Model:
     """MobileNetV2 down stack returning the skip activations and the bottleneck."""
     weights = config.encoder_weights
@@ -91,6 +100,8 @@ def build_unet(config: TrainConfig, fixed_size: bool | None = None) -> keras.Mod
     for i, (filters, skip) in enumerate(zip(config.decoder_filters, reversed(skips))):
         x = upsample(filters, 3, config.dropout, name=f"up_{i}")(x)
         x = layers.Concatenate(name=f"skip_{i}")([x, skip])
+        for j in range(config.decoder_convs):
+            x = conv_block(filters, name=f"refine_{i}_{j}")(x)
     # logits in float32 whatever the training precision: softmax and loss stay exact
     logits = layers.Conv2DTranspose(config.num_classes, 3, strides=2, padding="same", name="logits",
                                     dtype="float32")(x)

@@ -55,6 +55,12 @@ def overlay_figure(model_dir: Path, data_dir: Path, ids: list[str], path: Path) 
     return chosen
 
 
+def decoder_note(cfg: dict) -> str:
+    """How many refine convolutions follow each skip join (older configs have none)."""
+    convs = cfg.get("decoder_convs", 0)
+    return f", each skip join followed by {convs} 3x3 conv-BN-ReLU" if convs else ""
+
+
 #: The quality issue's targets on the validation split: summary key -> (name, minimum).
 TARGETS = {"dsb_score": ("DSB2018 score", 0.60), "ap50": ("AP@0.5", 0.85)}
 
@@ -115,7 +121,8 @@ time over the validation images on the 2-core machine, during the evaluation run
 - Recipe: every image rescaled so its median nucleus is {cfg['canonical_diameter']} px across;
   targets background / interior / boundary ({cfg['boundary_width']} px rims, boundary loss weight
   {cfg['boundary_weight']}{contact_note(cfg)}); ImageNet MobileNetV2 encoder fine-tuned from `{cfg['fine_tune_from']}`
-  (BatchNorm kept in inference mode); Adam {cfg['learning_rate']} with cosine decay; augmentation:
+  (BatchNorm kept in inference mode); decoder of pix2pix upsample blocks of
+  {tuple(cfg['decoder_filters'])} filters{decoder_note(cfg)}; Adam {cfg['learning_rate']} with cosine decay; augmentation:
   rotation, log-uniform zoom x/÷{1 + cfg['zoom']}, flips, inversion, grayscale, channel shuffle, hue,
   saturation, contrast, gamma, noise{', H&E stain (HED optical density) jitter' if cfg.get('stain') else ''};
   bright-field and stained-tissue images oversampled (weight 1/sqrt(group size)); per-image
