@@ -120,11 +120,14 @@ def test_model_output_shape_fixed_and_any_size():
     assert tile(np.zeros((1, 96, 64, 3), np.float32)).shape == (1, 96, 64, 3)
 
 
-def test_decoder_convs_add_one_refine_block_per_level_and_convs():
-    names = lambda model: sorted(layer.name for layer in model.layers if layer.name.startswith("refine_"))
-    assert names(build_unet(tiny_config("best").override(decoder_convs=0))) == []
+def refine_blocks(model) -> list[str]:
+    return sorted(layer.name for layer in model.layers if layer.name.startswith("refine_"))
+
+
+def test_decoder_convs_add_refine_blocks_at_every_level():
+    assert refine_blocks(build_unet(tiny_config("best").override(decoder_convs=0))) == []
     refined = build_unet(tiny_config("best").override(decoder_convs=2))
-    assert names(refined) == [f"refine_{i}_{j}" for i in range(4) for j in range(2)]
+    assert refine_blocks(refined) == [f"refine_{i}_{j}" for i in range(4) for j in range(2)]
     assert refined.get_layer("refine_3_1").output.shape[-1] == 16  # the level's decoder width
 
 
