@@ -22,6 +22,8 @@ from PIL import Image
 from service.encode import overlay_png
 from service.model import SegmentationModel
 from service.pipeline import segment
+from service.postprocess import PostprocessParams
+from training.config import TrainConfig
 from training.data import list_sample_dirs, load_sample
 from training.evaluate import markdown_table, summary_row
 from training.figures import image_grid
@@ -55,9 +57,9 @@ def overlay_figure(model_dir: Path, data_dir: Path, ids: list[str], path: Path) 
     return chosen
 
 
-def decoder_note(cfg: dict) -> str:
-    """How many refine convolutions follow each skip join (older configs have none)."""
-    convs = cfg.get("decoder_convs", 0)
+def decoder_note(cfg: TrainConfig) -> str:
+    """How many refine convolutions follow each skip join (none in a pix2pix-only decoder)."""
+    convs = cfg.decoder_convs
     return f", each skip join followed by {convs} 3x3 conv-BN-ReLU" if convs else ""
 
 
@@ -72,9 +74,9 @@ def target_note(summary: dict) -> str:
     return f"{goal} NOT met: {', '.join(missed)}." if missed else f"{goal} met."
 
 
-def contact_note(cfg: dict) -> str:
+def contact_note(cfg: TrainConfig) -> str:
     """The extra loss weight where nuclei touch, when the recipe used one (empty otherwise)."""
-    weight = cfg.get("contact_weight", 1.0)
+    weight = cfg.contact_weight
     return "" if weight == 1.0 else f", times {weight} where two nuclei touch: their rims and the gap between them"
 
 
@@ -85,8 +87,10 @@ def write_report(best_run: Path, reference_run: Path, data_dir: Path, out: Path)
     shutil.copy(best_run / "evaluation" / "worst.png", out / "worst.png")
     val_ids = best["metadata"]["split"]["validation_ids"]
     chosen = overlay_figure(out, data_dir, val_ids, out / "overlay_examples.png")
-    cfg = best["metadata"]["training_config"]
-    post = best["metadata"]["postprocess"]
+    # through the typed objects: fields an older model's metadata lacks take their defaults there
+    cfg = TrainConfig.from_dict(best["metadata"]["training_config"])
+    post = PostprocessParams.from_dict(best["metadata"]["postprocess"])
+    tuned_on = best["metadata"]["postprocess"].get("tuned_on", "")
     m = best["metrics"]
     table = markdown_table([summary_row("reference (128x128 resize, 2 classes)", ref["summary"]),
                             summary_row("shipped (this model)", best["summary"])])
@@ -96,7 +100,7 @@ def write_report(best_run: Path, reference_run: Path, data_dir: Path, out: Path)
 ## Validation scores
 
 {best['summary']['images']} validation images, the fixed split stored in `metadata.json` (seed
-{cfg['seed']}, stratified by modality; never used for training; used only to tune the two
+{cfg.seed}, stratified by modality; never used for training; used only to tune the two
 post-processing thresholds). Scores come from `python -m training.evaluate`, which runs the
 service's own decode -> normalise -> model -> post-process path. Reference and shipped models
 {'use the same split' if same_split else 'use DIFFERENT splits'}.
@@ -113,29 +117,29 @@ time over the validation images on the 2-core machine, during the evaluation run
   fingerprint `{best['metadata']['data']['fingerprint']}`), {m['train_images']} training images.
 - Command: `python -m training.train --preset best --data ../shared/data/dsb2018/stage1_train --out runs/best`
   (reference: `python -m training.train --data ../shared/data/dsb2018/stage1_train --out runs/reference`).
-- Training: {m['epochs']} epochs x {m['steps_per_epoch']} steps of {cfg['batch_size']} random
-  {cfg['image_size']}x{cfg['image_size']} crops; fit {m['fit_seconds'] / 60:.1f} min
+- Training: {m['epochs']} epochs x {m['steps_per_epoch']} steps of {cfg.batch_size} random
+  {cfg.image_size}x{cfg.image_size} crops; fit {m['fit_seconds'] / 60:.1f} min
   ({m['train_images_per_second']} crops/s), whole run incl. loading, export, threshold tuning and
   evaluation is in `metrics.json`. {m['parameters']['trainable']:,} trainable of
   {m['parameters']['total']:,} parameters.
-- Recipe: every image rescaled so its median nucleus is {cfg['canonical_diameter']} px across;
-  targets background / interior / boundary ({cfg['boundary_width']} px rims, boundary loss weight
-  {cfg['boundary_weight']}{contact_note(cfg)}); ImageNet MobileNetV2 encoder fine-tuned from `{cfg['fine_tune_from']}`
+- Recipe: every image rescaled so its median nucleus is {cfg.canonical_diameter} px across;
+  targets background / interior / boundary ({cfg.boundary_width} px rims, boundary loss weight
+  {cfg.boundary_weight}{contact_note(cfg)}); ImageNet MobileNetV2 encoder fine-tuned from `{cfg.fine_tune_from}`
   (BatchNorm kept in inference mode); decoder of pix2pix upsample blocks of
-  {tuple(cfg['decoder_filters'])} filters{decoder_note(cfg)}; Adam {cfg['learning_rate']} with cosine decay; augmentation:
-  rotation, log-uniform zoom x/÷{1 + cfg['zoom']}, flips, inversion, grayscale, channel shuffle, hue,
-  saturation, contrast, gamma, noise{', H&E stain (HED optical density) jitter' if cfg.get('stain') else ''};
+  {cfg.decoder_filters} filters{decoder_note(cfg)}; Adam {cfg.learning_rate} with cosine decay; augmentation:
+  rotation, log-uniform zoom x/÷{1 + cfg.zoom}, flips, inversion, grayscale, channel shuffle, hue,
+  saturation, contrast, gamma, noise{', H&E stain (HED optical density) jitter' if cfg.stain else ''};
   bright-field and stained-tissue images oversampled (weight 1/sqrt(group size)); per-image
   percentile intensity stretch shared by training and serving. Precision:
-  {cfg.get('precision', 'float32')} during training; the exported network computes in float32.
-- Inference: the image is stretched, run in overlapping {cfg['image_size']}x{cfg['image_size']}
+  {cfg.precision} during training; the exported network computes in float32.
+- Inference: the image is stretched, run in overlapping {cfg.image_size}x{cfg.image_size}
   tiles with cosine blending. Its median nucleus size is measured first from a look at half
   scale (kept when the nuclei there are still at least 3/4 of the canonical size, i.e. large),
   else from a native pass; when it is off the canonical size, the image is rescaled and run
   again (at most twice); a watershed seeded by
-  interior probability > {post['seed_threshold']} (smoothed with a Gaussian of
-  {post.get('seed_sigma', 0.0)} px) over foreground probability > {post['foreground_threshold']}
-  separates touching nuclei; nuclei under {post['min_size']} px are dropped. ({post.get('tuned_on', '')})
+  interior probability > {post.seed_threshold} (smoothed with a Gaussian of
+  {post.seed_sigma} px) over foreground probability > {post.foreground_threshold}
+  separates touching nuclei; nuclei under {post.min_size} px are dropped. ({tuned_on})
 
 ## Notes
 
