@@ -42,7 +42,7 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 5% over the whole run
     boundary_weight: float = 1.0  # loss weight of boundary pixels (3-class target)
     contact_weight: float = 1.0  # weight factor where two nuclei touch (their rims and the gap between);
-    # 5.0 in the best recipe scored 0.582 vs 0.592 on validation (docs/training.md), so the preset keeps 1.0
+    # 5.0 scored 0.582 vs 0.592 at 1.0 (previous pix2pix-decoder recipe, docs/training.md), so the preset keeps 1.0
     precision: Literal["float32", "mixed_bfloat16"] = "float32"  # training only; the export is float32
     # augmentation
     rotation: float = 0.1  # fraction of a full turn, as keras.layers.RandomRotation
