@@ -20,7 +20,7 @@ class PostprocessParams:
     """Thresholds of the instance decoding (stored under ``postprocess`` in metadata.json)."""
 
     foreground_threshold: float = 0.5  # P(nucleus) above this is foreground
-    seed_threshold: float = 0.5  # P(interior) above this seeds a nucleus (3-class models)
+    seed_threshold: float = 0.5  # P(interior), or the distance output where present, above this seeds a nucleus
     min_size: int = 10  # nuclei (and seeds) smaller than this many pixels are dropped
     seed_sigma: float = 0.0  # Gaussian smoothing (px) of P(interior) before seeding: fewer spurious splits
 
@@ -36,14 +36,16 @@ def instances_from_probabilities(probs: np.ndarray, params: PostprocessParams) -
 
     2 classes: nuclei are the connected components of the foreground. 3 classes (background,
     interior, boundary): interiors seed a watershed over the foreground, so touching nuclei
-    separated by a predicted boundary become separate instances. Smoothing the interior first
-    (``seed_sigma``) keeps a one-pixel dip of probability inside a nucleus from splitting it.
+    separated by a predicted boundary become separate instances. A 4th channel (the distance
+    output, each nucleus' normalised distance to its edge) replaces P(interior) as the seed map:
+    its cores stay apart where interiors of touching nuclei run together. Smoothing the seed map
+    first (``seed_sigma``) keeps a one-pixel dip inside a nucleus from splitting it.
     """
     foreground = (1.0 - probs[..., 0]) > params.foreground_threshold
     if probs.shape[-1] == 2:
         labels = connected_components(foreground, connectivity=1)
     else:
-        interior = probs[..., 1]
+        interior = probs[..., 3] if probs.shape[-1] > 3 else probs[..., 1]
         if params.seed_sigma > 0:
             interior = ndi.gaussian_filter(interior, params.seed_sigma)
         seeds = remove_small_objects(interior > params.seed_threshold, max_size=max(0, params.min_size // 4 - 1))

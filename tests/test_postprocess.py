@@ -52,3 +52,19 @@ def test_nuclei_below_min_size_are_dropped():
                         np.zeros((30, 30)))
     labels = instances_from_probabilities(probs, PostprocessParams(0.5, 0.5, 10))
     assert labels.max() == 1 and labels[8, 8] == 1 and labels[22, 22] == 0
+
+
+def test_a_distance_output_seeds_touching_nuclei_whose_interiors_run_together():
+    shape = (30, 50)
+    left, right = disc(shape, (15, 16), 9), disc(shape, (15, 31), 9)
+    touching = left | right
+    interior = np.where(touching, 0.9, 0.0)  # no boundary predicted between them: one interior blob
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    distance = np.maximum(np.where(left, 1 - np.hypot(yy - 15, xx - 16) / 9, 0),
+                          np.where(right, 1 - np.hypot(yy - 15, xx - 31) / 9, 0))
+    three = three_class(interior, np.zeros(shape))
+    params = PostprocessParams(0.5, 0.5, 10)
+    assert instances_from_probabilities(three, params).max() == 1  # P(interior) alone merges them
+    labels = instances_from_probabilities(np.concatenate([three, distance[..., None]], -1).astype(np.float32), params)
+    assert labels.max() == 2 and labels[15, 16] != labels[15, 31]
+    assert np.array_equal(labels > 0, touching)  # the distance moves seeds, never the foreground

@@ -18,7 +18,8 @@ from training import augment
 from training.data import DataError, data_load, load_dataset
 from training.export import export_model
 from training.model import build_unet
-from training.targets import CLASS_OF_CODE, CONTACT, GAP, boundary_target
+from training.losses import segmentation_loss
+from training.targets import CLASS_OF_CODE, CONTACT, GAP, boundary_target, distance_target, make_target
 
 
 def test_loader_merges_masks_and_handles_modes(dataset_dir: Path):
@@ -88,8 +89,61 @@ def test_gap_between_close_nuclei_is_marked_but_lone_background_is_not():
     assert (target[5:15, 36:38] == 2).all() and not (target[:, 30:] == CONTACT).any()
 
 
+def test_distance_target_peaks_in_the_middle_of_each_touching_nucleus():
+    labels = np.zeros((20, 40), np.int32)
+    labels[5:15, 5:15] = 1
+    labels[5:15, 15:25] = 2  # touches 1 along a whole edge
+    labels[8:11, 30:33] = 3  # small: still peaks at 255
+    distance = distance_target(labels).astype(int)
+    assert (distance[labels == 0] == 0).all() and (distance[labels > 0] > 0).all()
+    for k in (1, 2, 3):
+        assert distance[labels == k].max() == 255
+    assert distance[9, 14] < 100 and distance[9, 15] < 100  # the shared edge is an edge of both
+    row = distance[9, 5:15]
+    assert (np.diff(row[:5]) >= 0).all() and (np.diff(row[5:]) <= 0).all()  # rises to the middle, falls after
+    stacked = make_target(labels, "boundary", 2, distance=True)
+    assert stacked.shape == (20, 40, 2) and np.array_equal(stacked[..., 1], distance)
+
+
+def test_distance_loss_adds_weighted_sigmoid_cross_entropy_to_the_class_loss():
+    config = tiny_config("best").override(distance_weight=0.5)
+    rng = np.random.default_rng(0)
+    logits = tf.constant(rng.normal(size=(2, 4, 4, 4)), tf.float32)
+    classes = rng.integers(0, 3, (2, 4, 4))
+    distance = rng.random((2, 4, 4))
+    y_true = tf.constant(np.stack([classes, distance], -1), tf.float32)
+    expected = np.mean(
+        keras_ce(classes, logits[..., :3]) + 0.5 * tf.nn.sigmoid_cross_entropy_with_logits(
+            labels=tf.constant(distance, tf.float32), logits=logits[..., 3]).numpy())
+    per_pixel = segmentation_loss(config)(y_true, logits).numpy()
+    assert per_pixel.shape == (2, 4, 4) and per_pixel.mean() == pytest.approx(expected, rel=1e-5)
+    # without the distance output the loss is Keras' cross-entropy over the classes
+    plain = segmentation_loss(config.override(distance_weight=0.0))
+    assert float(plain(classes, logits[..., :3])) == pytest.approx(float(np.mean(keras_ce(classes, logits[..., :3]))), rel=1e-5)
+
+
+def keras_ce(classes: np.ndarray, logits: tf.Tensor) -> np.ndarray:
+    import keras
+
+    return keras.losses.sparse_categorical_crossentropy(classes, logits, from_logits=True).numpy()
+
+
+def test_distance_channel_moves_with_the_classes_through_augmentation_and_weights():
+    config = tiny_config("best").override(colour=False, distance_weight=1.0)
+    labels = np.zeros((96, 96), np.int32)
+    labels[20:50, 20:50], labels[20:50, 50:80], labels[60:90, 30:60] = 1, 2, 3
+    target = make_target(labels, "boundary", 2, distance=True)
+    tf.random.set_seed(5)
+    _, y = augment.augment(tf.zeros((96, 96, 3), tf.uint8), tf.constant(target), config, 64)
+    _, classes, weights = augment.with_weights(tf.zeros((64, 64, 3)), y, config)
+    classes = classes.numpy()
+    assert classes.shape == (64, 64, 2) and weights.shape == (64, 64)
+    assert ((classes[..., 0] == 0) == (classes[..., 1] == 0)).all()  # distance is 0 exactly off the nuclei
+    assert classes[..., 1].max() <= 1.0 and classes[..., 1][classes[..., 0] == 1].min() >= 0.1  # interiors lie at least 3 of 15 px in
+
+
 def test_loss_weights_follow_the_target_codes():
-    config = tiny_config("best").override(boundary_weight=2.0, contact_weight=5.0)
+    config = tiny_config("best").override(boundary_weight=2.0, contact_weight=5.0, distance_weight=0.0)
     codes = tf.constant(np.arange(5, dtype=np.uint8).reshape(1, 5, 1))
     _, classes, weights = augment.with_weights(tf.zeros((1, 5, 3)), codes, config)
     assert classes.numpy().tolist() == [[0, 1, 2, 2, 0]]
@@ -116,8 +170,10 @@ def test_augmentation_keeps_image_and_mask_aligned():
 def test_model_output_shape_fixed_and_any_size():
     ref = build_unet(tiny_config("reference"))
     assert ref.output_shape == (None, 64, 64, 2)
-    tile = build_unet(tiny_config("best"))
+    tile = build_unet(tiny_config("best").override(distance_weight=0.0))
     assert tile(np.zeros((1, 96, 64, 3), np.float32)).shape == (1, 96, 64, 3)
+    with_distance = build_unet(tiny_config("best").override(distance_weight=1.0))
+    assert with_distance(np.zeros((1, 96, 64, 3), np.float32)).shape == (1, 96, 64, 4)
 
 
 def refine_blocks(model) -> list[str]:
@@ -151,12 +207,13 @@ def test_cli_run_exports_a_savedmodel_matching_keras(dataset_dir: Path, tmp_path
 
 
 def test_export_matches_keras_model_and_is_atomic(tmp_path: Path, monkeypatch):
-    config = tiny_config("best")
+    config = tiny_config("best").override(distance_weight=1.0)
     model = build_unet(config)
     out = tmp_path / "model"
-    export_model(model, out, {"format_version": 1}, fixed_size=None)
+    export_model(model, out, {"format_version": 1}, fixed_size=None, softmax_channels=config.num_classes)
     batch = np.random.default_rng(0).integers(0, 255, (1, 64, 96, 3), dtype=np.uint8)
-    expected = tf.nn.softmax(model(batch.astype(np.float32), training=False), -1).numpy()
+    logits = model(batch.astype(np.float32), training=False)
+    expected = np.concatenate([tf.nn.softmax(logits[..., :3], -1), tf.sigmoid(logits[..., 3:])], -1)
     served = tf.saved_model.load(str(out)).signatures["serving_default"](images=tf.constant(batch))
     np.testing.assert_allclose(served["probabilities"].numpy(), expected, atol=1e-5)
 

@@ -93,16 +93,21 @@ def augment(image: tf.Tensor, target: tf.Tensor, config: TrainConfig, out_size: 
 
 
 def with_weights(image: tf.Tensor, target: tf.Tensor, config: TrainConfig) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Target codes -> (image, class, per-pixel loss weight).
+    """Target codes ``(H, W, 1|2)`` -> (image, class, per-pixel loss weight).
 
-    The thin, rare boundary class weighs ``boundary_weight``; where nuclei touch (codes
+    With the distance output, the class is ``(H, W, 2)`` float: class index and normalised distance
+    (see ``training.losses``). The thin, rare boundary class weighs ``boundary_weight``; where nuclei touch (codes
     ``CONTACT`` and ``GAP``) the weight is multiplied by ``contact_weight``.
     """
-    target = tf.cast(tf.squeeze(target, -1), tf.int32)
+    codes = tf.cast(target[..., 0], tf.int32)
     contact = config.contact_weight
     weights = tf.gather(tf.constant([1.0, 1.0, config.boundary_weight, config.boundary_weight * contact, contact]),
-                        target)
-    return image, tf.gather(tf.constant(CLASS_OF_CODE), target), weights
+                        codes)
+    classes = tf.gather(tf.constant(CLASS_OF_CODE), codes)
+    if config.distance_weight <= 0:
+        return image, classes, weights
+    distance = tf.cast(target[..., 1], tf.float32) / 255.0
+    return image, tf.stack([tf.cast(classes, tf.float32), distance], axis=-1), weights
 
 
 def resize_dataset(images: np.ndarray, targets: np.ndarray, config: TrainConfig, training: bool) -> tf.data.Dataset:
@@ -112,7 +117,7 @@ def resize_dataset(images: np.ndarray, targets: np.ndarray, config: TrainConfig,
         ds = ds.shuffle(len(images), seed=config.seed, reshuffle_each_iteration=True).repeat()
         ds = ds.map(lambda x, y: augment(x, y, config, config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
     else:
-        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y[..., None]))
+        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y if y.shape.rank == 3 else y[..., None]))
     ds = ds.map(lambda x, y: with_weights(x, y, config))
     return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
 
@@ -137,7 +142,7 @@ def crop_dataset(images: list[np.ndarray], targets: list[np.ndarray], probabilit
 
     ds = tf.data.Dataset.from_generator(
         generate,
-        output_signature=(tf.TensorSpec((crop, crop, 3), tf.uint8), tf.TensorSpec((crop, crop), tf.uint8)),
+        output_signature=(tf.TensorSpec((crop, crop, 3), tf.uint8), tf.TensorSpec((crop, crop, *targets[0].shape[2:]), tf.uint8)),
     )
     ds = ds.map(lambda x, y: augment(x, y, config, config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda x, y: with_weights(x, y, config))
@@ -150,7 +155,8 @@ def pad_to_at_least(image: np.ndarray, target: np.ndarray, size: int) -> tuple[n
     if not (pad_h or pad_w):
         return image, target
     pads = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
-    return np.pad(image, (*pads, (0, 0)), mode="symmetric"), np.pad(target, pads, mode="symmetric")
+    channels = ((0, 0),) * (target.ndim - 2)
+    return np.pad(image, (*pads, (0, 0)), mode="symmetric"), np.pad(target, (*pads, *channels), mode="symmetric")
 
 
 def centre_crops(images: list[np.ndarray], targets: list[np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:

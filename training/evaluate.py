@@ -29,7 +29,7 @@ from training.matching import ImageScore, score_image
 from training.split import MODALITIES, modality
 
 FOREGROUND_GRID = (0.45, 0.55, 0.6, 0.65, 0.7, 0.75)
-SEED_GRID = (0.4, 0.5, 0.6, 0.7, 0.8)
+SEED_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # P(interior), or the normalised distance output
 SIGMA_GRID = (0.0, 1.0)
 
 

@@ -103,7 +103,7 @@ def build_unet(config: TrainConfig, fixed_size: bool | None = None) -> keras.Mod
         for j in range(config.decoder_convs):
             x = conv_block(filters, name=f"refine_{i}_{j}")(x)
     # logits in float32 whatever the training precision: softmax and loss stay exact
-    logits = layers.Conv2DTranspose(config.num_classes, 3, strides=2, padding="same", name="logits",
+    logits = layers.Conv2DTranspose(config.output_channels, 3, strides=2, padding="same", name="logits",
                                     dtype="float32")(x)
     return keras.Model(inputs=inputs, outputs=logits, name="unet_mobilenetv2")
 

@@ -80,6 +80,14 @@ def contact_note(cfg: TrainConfig) -> str:
     return "" if weight == 1.0 else f", times {weight} where two nuclei touch: their rims and the gap between them"
 
 
+def distance_note(config: TrainConfig) -> str:
+    """The distance output, where the model has one (it changes what seeds the watershed)."""
+    if config.distance_weight <= 0:
+        return ""
+    return (f"; plus each nucleus' distance to its own edge, divided by its largest (sigmoid output, loss "
+            f"weight {config.distance_weight})")
+
+
 def write_report(best_run: Path, reference_run: Path, data_dir: Path, out: Path) -> Path:
     best, ref = load_run(best_run), load_run(reference_run)
     for name in ("curves.png", "predictions.png"):
@@ -95,7 +103,8 @@ def write_report(best_run: Path, reference_run: Path, data_dir: Path, out: Path)
     table = markdown_table([summary_row("reference (128x128 resize, 2 classes)", ref["summary"]),
                             summary_row("shipped (this model)", best["summary"])])
     same_split = ref["metadata"]["split"]["validation_ids"] == val_ids
-    text = f"""# Shipped model: U-Net, MobileNetV2 encoder, 3 classes, native-resolution tiles
+    seed_map = "the distance output" if cfg.distance_weight > 0 else "interior probability"
+    text = f"""# Shipped model: U-Net, MobileNetV2 encoder, 3 classes{' + distance' if cfg.distance_weight > 0 else ''}, native-resolution tiles
 
 ## Validation scores
 
@@ -124,7 +133,7 @@ time over the validation images on the 2-core machine, during the evaluation run
   {m['parameters']['total']:,} parameters.
 - Recipe: every image rescaled so its median nucleus is {cfg.canonical_diameter} px across;
   targets background / interior / boundary ({cfg.boundary_width} px rims, boundary loss weight
-  {cfg.boundary_weight}{contact_note(cfg)}); ImageNet MobileNetV2 encoder fine-tuned from `{cfg.fine_tune_from}`
+  {cfg.boundary_weight}{contact_note(cfg)}){distance_note(cfg)}; ImageNet MobileNetV2 encoder fine-tuned from `{cfg.fine_tune_from}`
   (BatchNorm kept in inference mode); decoder of pix2pix upsample blocks of
   {cfg.decoder_filters} filters{decoder_note(cfg)}; Adam {cfg.learning_rate} with cosine decay; augmentation:
   rotation, log-uniform zoom x/÷{1 + cfg.zoom}, flips, inversion, grayscale, channel shuffle, hue,
@@ -137,7 +146,7 @@ time over the validation images on the 2-core machine, during the evaluation run
   scale (kept when the nuclei there are still at least 3/4 of the canonical size, i.e. large),
   else from a native pass; when it is off the canonical size, the image is rescaled and run
   again (at most twice); a watershed seeded by
-  interior probability > {post.seed_threshold} (smoothed with a Gaussian of
+  {seed_map} > {post.seed_threshold} (smoothed with a Gaussian of
   {post.seed_sigma} px) over foreground probability > {post.foreground_threshold}
   separates touching nuclei; nuclei under {post.min_size} px are dropped. ({tuned_on})
 

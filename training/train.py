@@ -26,11 +26,14 @@ from training import augment, figures
 from training.config import PRESETS, TrainConfig, preset
 from training.data import NucleiDataset, fingerprint, load_dataset, resize_image
 from training.export import build_metadata, export_model
+from training.losses import pixel_accuracy, segmentation_loss
 from training.model import build_unet, float32_copy, precision
 from training.split import modality, sampling_probabilities, split_ids
 from training.targets import CLASS_OF_CODE, make_target, scale_to_canonical
 
 CLASS_NAMES = {2: ["background", "nucleus"], 3: ["background", "interior", "boundary"]}
+#: Name of the distance output's channel, after the classes (metadata ``classes`` lists every output channel).
+DISTANCE_CHANNEL = "distance"
 
 
 @dataclass
@@ -57,7 +60,7 @@ def prepare(dataset: NucleiDataset, config: TrainConfig, groups: dict[str, str])
         image = resize_image(image, size)
         labels = resize_image(labels, size, nearest=True)
         images.append(image)
-        targets.append(make_target(labels, config.target, config.boundary_width))
+        targets.append(make_target(labels, config.target, config.boundary_width, config.distance_weight > 0))
     return Prepared(dataset.ids, images, targets, [groups[i] for i in dataset.ids])
 
 
@@ -82,8 +85,8 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int 
             config.learning_rate, decay_steps=config.epochs * steps_per_epoch, alpha=0.05)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
+        loss=segmentation_loss(config),
+        metrics=[pixel_accuracy(config)],
         jit_compile=False,  # measured: XLA on this 2-core CPU makes a training step ~3x slower
     )
 
@@ -103,10 +106,15 @@ def predictions_figure(model: keras.Model, val: Prepared, config: TrainConfig, p
     """Image, true mask, predicted mask for a few validation images (network input scale)."""
     idx = np.linspace(0, len(val.images) - 1, num=min(count, len(val.images))).astype(int)
     x, y = augment.centre_crops([val.images[i] for i in idx], [val.targets[i] for i in idx], config.image_size)
-    pred = np.argmax(model.predict(x.astype(np.float32), verbose=0), axis=-1)
-    y = CLASS_OF_CODE[y]
+    pred = np.argmax(model.predict(x.astype(np.float32), verbose=0)[..., :config.num_classes], axis=-1)
+    y = CLASS_OF_CODE[y[..., 0] if y.ndim == 4 else y]
     figures.image_grid([list(x), list(y), list(pred)], ["image", "true mask", "predicted mask"], path,
                        cmaps=[None, "viridis", "viridis"])
+
+
+def output_names(config: TrainConfig) -> list[str]:
+    """One name per output channel: the classes, then the distance output if trained."""
+    return CLASS_NAMES[config.num_classes] + ([DISTANCE_CHANNEL] if config.distance_weight > 0 else [])
 
 
 def count_params(model: keras.Model) -> dict[str, int]:
@@ -161,7 +169,7 @@ def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bo
                  "canonical_diameter": config.canonical_diameter, "tile_overlap": 32}
     postprocess = {"foreground_threshold": 0.5, "seed_threshold": 0.5, "min_size": config.min_size}
     metadata = build_metadata(
-        config.to_dict(), classes=CLASS_NAMES[config.num_classes], inference=inference, postprocess=postprocess,
+        config.to_dict(), classes=output_names(config), inference=inference, postprocess=postprocess,
         extra={"split": {"seed": config.seed, "val_fraction": config.val_fraction, "validation_ids": val_ids},
                "data": {"path": str(data_dir), "fingerprint": fingerprint(data_dir), "images": len(dataset)},
                "validation_metrics": {k: v for k, v in metrics["final"].items() if k.startswith("val_")},
@@ -170,7 +178,8 @@ def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bo
     )
     served = model if config.precision == "float32" else float32_copy(model, config, fixed_size)
     model_dir = export_model(served, run_dir / "model", metadata,
-                             fixed_size=config.image_size if config.inference == "resize" else None)
+                             fixed_size=config.image_size if config.inference == "resize" else None,
+                             softmax_channels=config.num_classes)
     metrics["total_seconds"] = round(time.time() - started, 1)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"exported {model_dir}; fit {fit_seconds:.0f} s, "
