@@ -206,6 +206,26 @@ def test_cli_run_exports_a_savedmodel_matching_keras(dataset_dir: Path, tmp_path
     np.testing.assert_allclose(served.sum(-1), 1.0, atol=1e-5)
 
 
+def test_a_model_with_the_distance_output_trains_exports_and_serves(dataset_dir: Path, tmp_path: Path):
+    from service.model import SegmentationModel
+    from service.pipeline import segment
+    from training.train import main
+
+    run = tmp_path / "run"
+    main(["--data", str(dataset_dir), "--out", str(run), "--preset", "best", "--distance-weight", "1",
+          "--epochs", "1", "--steps-per-epoch", "2", "--image-size", "64", "--batch-size", "2",
+          "--encoder-weights", "none", "--no-evaluate"])
+    model = SegmentationModel.load(run / "model")
+    assert model.spec.metadata["classes"] == ["background", "interior", "boundary", "distance"]
+    assert model.spec.metadata["training_config"]["distance_weight"] == 1.0
+    image = load_dataset(dataset_dir).samples[0].image
+    result = segment(image, model)
+    probs = result.probabilities
+    assert probs.shape == (*image.shape[:2], 4) and result.labels.shape == image.shape[:2]
+    np.testing.assert_allclose(probs[..., :3].sum(-1), 1.0, atol=1e-4)  # softmax over the classes only
+    assert ((probs[..., 3] >= 0) & (probs[..., 3] <= 1)).all()
+
+
 def test_export_matches_keras_model_and_is_atomic(tmp_path: Path, monkeypatch):
     config = tiny_config("best").override(distance_weight=1.0)
     model = build_unet(config)
