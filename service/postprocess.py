@@ -45,12 +45,12 @@ def instances_from_probabilities(probs: np.ndarray, params: PostprocessParams) -
     if probs.shape[-1] == 2:
         labels = connected_components(foreground, connectivity=1)
     else:
-        interior = probs[..., 3] if probs.shape[-1] > 3 else probs[..., 1]
+        seed_map = probs[..., 3] if probs.shape[-1] > 3 else probs[..., 1]  # distance output, else P(interior)
         if params.seed_sigma > 0:
-            interior = ndi.gaussian_filter(interior, params.seed_sigma)
-        seeds = remove_small_objects(interior > params.seed_threshold, max_size=max(0, params.min_size // 4 - 1))
+            seed_map = ndi.gaussian_filter(seed_map, params.seed_sigma)
+        seeds = remove_small_objects(seed_map > params.seed_threshold, max_size=max(0, params.min_size // 4 - 1))
         seeds = connected_components(seeds, connectivity=1)
-        labels = watershed(-interior, markers=seeds, mask=foreground)
+        labels = watershed(-seed_map, markers=seeds, mask=foreground)
     return clean_labels(labels, params.min_size)
 
 
