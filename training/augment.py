@@ -142,7 +142,8 @@ def crop_dataset(images: list[np.ndarray], targets: list[np.ndarray], probabilit
 
     ds = tf.data.Dataset.from_generator(
         generate,
-        output_signature=(tf.TensorSpec((crop, crop, 3), tf.uint8), tf.TensorSpec((crop, crop, *targets[0].shape[2:]), tf.uint8)),
+        output_signature=(tf.TensorSpec((crop, crop, 3), tf.uint8),
+                          tf.TensorSpec((crop, crop, *targets[0].shape[2:]), tf.uint8)),  # codes [+ distance]
     )
     ds = ds.map(lambda x, y: augment(x, y, config, config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda x, y: with_weights(x, y, config))
