@@ -104,7 +104,7 @@ def with_weights(image: tf.Tensor, target: tf.Tensor, config: TrainConfig) -> tu
     weights = tf.gather(tf.constant([1.0, 1.0, config.boundary_weight, config.boundary_weight * contact, contact]),
                         codes)
     classes = tf.gather(tf.constant(CLASS_OF_CODE), codes)
-    if config.distance_weight <= 0:
+    if not config.distance_output:
         return image, classes, weights
     distance = tf.cast(target[..., 1], tf.float32) / 255.0
     return image, tf.stack([tf.cast(classes, tf.float32), distance], axis=-1), weights

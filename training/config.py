@@ -62,9 +62,14 @@ class TrainConfig:
         return 2 if self.target == "mask" else 3
 
     @property
+    def distance_output(self) -> bool:
+        """Whether the network has the distance output (a positive loss weight trains it)."""
+        return self.distance_weight > 0
+
+    @property
     def output_channels(self) -> int:
         """Class logits, plus one distance logit when the distance output is trained."""
-        return self.num_classes + (1 if self.distance_weight > 0 else 0)
+        return self.num_classes + (1 if self.distance_output else 0)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -18,7 +18,7 @@ from training.config import TrainConfig
 
 def segmentation_loss(config: TrainConfig) -> keras.losses.Loss | Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """Cross-entropy over the classes, plus the weighted distance term when the model has it."""
-    if config.distance_weight <= 0:
+    if not config.distance_output:
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     classes, weight = config.num_classes, config.distance_weight
 
@@ -34,7 +34,7 @@ def segmentation_loss(config: TrainConfig) -> keras.losses.Loss | Callable[[tf.T
 
 def pixel_accuracy(config: TrainConfig) -> str | Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """Per-pixel class accuracy, reported as ``accuracy`` whether or not the model has the distance output."""
-    if config.distance_weight <= 0:
+    if not config.distance_output:
         return "accuracy"
     classes = config.num_classes
 

@@ -82,7 +82,7 @@ def contact_note(cfg: TrainConfig) -> str:
 
 def distance_note(config: TrainConfig) -> str:
     """The distance output, where the model has one (it changes what seeds the watershed)."""
-    if config.distance_weight <= 0:
+    if not config.distance_output:
         return ""
     return (f"; plus each nucleus' distance to its own edge, divided by its largest (sigmoid output, loss "
             f"weight {config.distance_weight})")
@@ -103,8 +103,8 @@ def write_report(best_run: Path, reference_run: Path, data_dir: Path, out: Path)
     table = markdown_table([summary_row("reference (128x128 resize, 2 classes)", ref["summary"]),
                             summary_row("shipped (this model)", best["summary"])])
     same_split = ref["metadata"]["split"]["validation_ids"] == val_ids
-    seed_map = "the distance output" if cfg.distance_weight > 0 else "interior probability"
-    text = f"""# Shipped model: U-Net, MobileNetV2 encoder, 3 classes{' + distance' if cfg.distance_weight > 0 else ''}, native-resolution tiles
+    seed_map = "the distance output" if cfg.distance_output else "interior probability"
+    text = f"""# Shipped model: U-Net, MobileNetV2 encoder, 3 classes{' + distance' if cfg.distance_output else ''}, native-resolution tiles
 
 ## Validation scores
 

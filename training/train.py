@@ -60,7 +60,7 @@ def prepare(dataset: NucleiDataset, config: TrainConfig, groups: dict[str, str])
         image = resize_image(image, size)
         labels = resize_image(labels, size, nearest=True)
         images.append(image)
-        targets.append(make_target(labels, config.target, config.boundary_width, config.distance_weight > 0))
+        targets.append(make_target(labels, config.target, config.boundary_width, config.distance_output))
     return Prepared(dataset.ids, images, targets, [groups[i] for i in dataset.ids])
 
 
@@ -114,7 +114,7 @@ def predictions_figure(model: keras.Model, val: Prepared, config: TrainConfig, p
 
 def output_names(config: TrainConfig) -> list[str]:
     """One name per output channel: the classes, then the distance output if trained."""
-    return CLASS_NAMES[config.num_classes] + ([DISTANCE_CHANNEL] if config.distance_weight > 0 else [])
+    return CLASS_NAMES[config.num_classes] + ([DISTANCE_CHANNEL] if config.distance_output else [])
 
 
 def count_params(model: keras.Model) -> dict[str, int]:
