@@ -187,6 +187,19 @@ def test_decoder_convs_add_refine_blocks_at_every_level():
     assert refined.get_layer("refine_3_1").output.shape[-1] == 16  # the level's decoder width
 
 
+def test_distance_head_gives_the_distance_a_branch_of_its_own():
+    shared = build_unet(tiny_config("best").override(distance_weight=1.0, distance_head=0))
+    assert not any(layer.name.startswith("distance_") for layer in shared.layers)
+    own = build_unet(tiny_config("best").override(distance_weight=1.0, distance_head=2))
+    assert [layer.name for layer in own.layers if layer.name.startswith("distance_")] == [
+        "distance_0", "distance_1", "distance_logits"]
+    assert own.get_layer("class_logits").output.shape[-1] == 3
+    assert own(np.zeros((1, 64, 96, 3), np.float32)).shape == (1, 64, 96, 4)
+    # without the distance output, a head setting changes nothing
+    plain = build_unet(tiny_config("best").override(distance_weight=0.0, distance_head=2))
+    assert plain.count_params() == build_unet(tiny_config("best").override(distance_weight=0.0)).count_params()
+
+
 def test_cli_run_exports_a_savedmodel_matching_keras(dataset_dir: Path, tmp_path: Path):
     from training.train import main
 
@@ -213,11 +226,12 @@ def test_a_model_with_the_distance_output_trains_exports_and_serves(dataset_dir:
 
     run = tmp_path / "run"
     main(["--data", str(dataset_dir), "--out", str(run), "--preset", "best", "--distance-weight", "1",
-          "--epochs", "1", "--steps-per-epoch", "2", "--image-size", "64", "--batch-size", "2",
+          "--distance-head", "1", "--epochs", "1", "--steps-per-epoch", "2", "--image-size", "64", "--batch-size", "2",
           "--encoder-weights", "none", "--no-evaluate"])
     model = SegmentationModel.load(run / "model")
     assert model.spec.metadata["classes"] == ["background", "interior", "boundary", "distance"]
     assert model.spec.metadata["training_config"]["distance_weight"] == 1.0
+    assert model.spec.metadata["training_config"]["distance_head"] == 1
     image = load_dataset(dataset_dir).samples[0].image
     result = segment(image, model)
     probs = result.probabilities

@@ -46,6 +46,8 @@ class TrainConfig:
     distance_weight: float = 0.0  # >0: a 4th output, each nucleus' normalised distance to its edge
     # (sigmoid, loss weighted this much); seeds are cut from it instead of from P(interior).
     # 1.0 on the shipped recipe (29 epochs) scored 0.597 / AP@0.5 0.814 vs 0.608 / 0.817, so the preset keeps 0
+    distance_head: int = 0  # 3x3 conv blocks in a branch of its own for the distance output (0: it shares
+    # the class logits' final layer)
     precision: Literal["float32", "mixed_bfloat16"] = "float32"  # training only; the export is float32
     # augmentation
     rotation: float = 0.1  # fraction of a full turn, as keras.layers.RandomRotation

@@ -102,10 +102,27 @@ def build_unet(config: TrainConfig, fixed_size: bool | None = None) -> keras.Mod
         x = layers.Concatenate(name=f"skip_{i}")([x, skip])
         for j in range(config.decoder_convs):
             x = conv_block(filters, name=f"refine_{i}_{j}")(x)
-    # logits in float32 whatever the training precision: softmax and loss stay exact
-    logits = layers.Conv2DTranspose(config.output_channels, 3, strides=2, padding="same", name="logits",
-                                    dtype="float32")(x)
-    return keras.Model(inputs=inputs, outputs=logits, name="unet_mobilenetv2")
+    return keras.Model(inputs=inputs, outputs=output_logits(config, x), name="unet_mobilenetv2")
+
+
+def output_logits(config: TrainConfig, features: keras.KerasTensor) -> keras.KerasTensor:
+    """Full-resolution logits: the classes, then the distance output when the model has one.
+
+    With ``distance_head`` > 0 the distance gets a branch of its own (3x3 conv blocks, then its
+    own final layer), so the regression does not compete with the class logits for one layer.
+    Logits are float32 whatever the training precision: softmax and loss stay exact.
+    """
+    def final(channels: int, name: str) -> layers.Layer:
+        return layers.Conv2DTranspose(channels, 3, strides=2, padding="same", name=name, dtype="float32")
+
+    if not (config.distance_output and config.distance_head):
+        return final(config.output_channels, "logits")(features)
+    branch = features
+    for j in range(config.distance_head):
+        branch = conv_block(config.decoder_filters[-1], name=f"distance_{j}")(branch)
+    classes = final(config.num_classes, "class_logits")(features)
+    distance = final(1, "distance_logits")(branch)
+    return layers.Concatenate(name="logits", dtype="float32")([classes, distance])
 
 
 def float32_copy(model: keras.Model, config: TrainConfig, fixed_size: bool | None = None) -> keras.Model:

@@ -207,6 +207,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     parser.add_argument("--fine-tune", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--distance-weight", type=float,
                         help="train the distance output (4th channel) with this loss weight; 0 turns it off")
+    parser.add_argument("--distance-head", type=int,
+                        help="3x3 conv blocks in the distance output's own branch (0: it shares the final layer)")
     parser.add_argument("--precision", choices=get_args(get_type_hints(TrainConfig)["precision"]),
                         help="training arithmetic; mixed_bfloat16 needs a CPU with native bf16 (e.g. AVX512_BF16) to be fast")
     parser.add_argument("--seed", type=int)
@@ -217,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, image_size=args.image_size,
         batch_size=args.batch_size, learning_rate=args.learning_rate, encoder_weights=args.encoder_weights,
         fine_tune=args.fine_tune, seed=args.seed, val_fraction=args.val_fraction, precision=args.precision,
-        distance_weight=args.distance_weight,
+        distance_weight=args.distance_weight, distance_head=args.distance_head,
     )
     return config, args
 
