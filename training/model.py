@@ -4,7 +4,8 @@ Each decoder level upsamples (pix2pix block), joins the encoder's skip activatio
 ``decoder_convs`` > 0, refines the join with 3x3 convolutions before the next level.
 
 The network takes ``uint8``-valued RGB (as float) and scales it itself, so the exported model
-owns its input normalisation. It returns per-pixel class logits.
+owns its input normalisation. It returns per-pixel class logits, then the distance logit when
+the model has the distance output (see ``output_logits``).
 """
 
 from __future__ import annotations
