@@ -188,6 +188,8 @@ def test_decoder_convs_add_refine_blocks_at_every_level():
 
 
 def test_distance_head_gives_the_distance_a_branch_of_its_own():
+    from training.train import parse_args
+
     shared = build_unet(tiny_config("best").override(distance_weight=1.0, distance_head=0))
     assert not any(layer.name.startswith("distance_") for layer in shared.layers)
     own = build_unet(tiny_config("best").override(distance_weight=1.0, distance_head=2))
@@ -195,6 +197,8 @@ def test_distance_head_gives_the_distance_a_branch_of_its_own():
         "distance_0", "distance_1", "distance_logits"]
     assert own.get_layer("class_logits").output.shape[-1] == 3
     assert own(np.zeros((1, 64, 96, 3), np.float32)).shape == (1, 64, 96, 4)
+    with pytest.raises(SystemExit):  # a clear argparse error, not a silently odd network
+        parse_args(["--data", "d", "--out", "o", "--distance-head", "-1"])
     # without the distance output, a head setting changes nothing
     plain = build_unet(tiny_config("best").override(distance_weight=0.0, distance_head=2))
     assert plain.count_params() == build_unet(tiny_config("best").override(distance_weight=0.0)).count_params()

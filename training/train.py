@@ -215,6 +215,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     parser.add_argument("--val-fraction", type=float)
     parser.add_argument("--no-evaluate", action="store_true", help="skip the DSB2018 evaluation at the end")
     args = parser.parse_args(argv)
+    if args.distance_head is not None and args.distance_head < 0:
+        parser.error("--distance-head must be 0 or more")
     config = preset(args.preset).override(
         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, image_size=args.image_size,
         batch_size=args.batch_size, learning_rate=args.learning_rate, encoder_weights=args.encoder_weights,
