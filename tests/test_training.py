@@ -157,7 +157,7 @@ def test_augmentation_keeps_image_and_mask_aligned():
     image = np.repeat(target[..., None] * 255, 3, axis=-1).astype(np.uint8)
     tf.random.set_seed(3)
     for _ in range(5):
-        x, y = augment.augment(tf.constant(image), tf.constant(target), config, 64)
+        x, y = augment.augment(tf.constant(image), tf.constant(target[..., None]), config, 64)
         x, y = x.numpy(), y.numpy()[..., 0]
         # where the image is clearly white/black, the nearest-neighbour mask agrees
         confident = (x[..., 0] > 230) | (x[..., 0] < 25)

@@ -82,10 +82,8 @@ def colour_jitter(image: tf.Tensor, stain: bool = False) -> tf.Tensor:
 
 
 def augment(image: tf.Tensor, target: tf.Tensor, config: TrainConfig, out_size: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Full augmentation of one (image uint8, target uint8) pair -> (float image, target)."""
+    """Full augmentation of one (image uint8, target uint8 ``(H, W, C)``) pair -> (float image, target)."""
     image = tf.cast(image, tf.float32)
-    if target.shape.rank == 2:
-        target = target[..., None]
     image, target = random_affine(image, target, config, out_size)
     if config.colour:
         image = colour_jitter(image, config.stain)
@@ -117,7 +115,7 @@ def resize_dataset(images: np.ndarray, targets: np.ndarray, config: TrainConfig,
         ds = ds.shuffle(len(images), seed=config.seed, reshuffle_each_iteration=True).repeat()
         ds = ds.map(lambda x, y: augment(x, y, config, config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
     else:
-        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y if y.shape.rank == 3 else y[..., None]))
+        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
     ds = ds.map(lambda x, y: with_weights(x, y, config))
     return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
 
@@ -143,7 +141,7 @@ def crop_dataset(images: list[np.ndarray], targets: list[np.ndarray], probabilit
     ds = tf.data.Dataset.from_generator(
         generate,
         output_signature=(tf.TensorSpec((crop, crop, 3), tf.uint8),
-                          tf.TensorSpec((crop, crop, *targets[0].shape[2:]), tf.uint8)),  # codes [+ distance]
+                          tf.TensorSpec((crop, crop, targets[0].shape[-1]), tf.uint8)),  # codes [+ distance]
     )
     ds = ds.map(lambda x, y: augment(x, y, config, config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda x, y: with_weights(x, y, config))
@@ -156,8 +154,7 @@ def pad_to_at_least(image: np.ndarray, target: np.ndarray, size: int) -> tuple[n
     if not (pad_h or pad_w):
         return image, target
     pads = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
-    channels = ((0, 0),) * (target.ndim - 2)
-    return np.pad(image, (*pads, (0, 0)), mode="symmetric"), np.pad(target, (*pads, *channels), mode="symmetric")
+    return np.pad(image, (*pads, (0, 0)), mode="symmetric"), np.pad(target, (*pads, (0, 0)), mode="symmetric")
 
 
 def centre_crops(images: list[np.ndarray], targets: list[np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:

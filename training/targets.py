@@ -85,14 +85,17 @@ def distance_target(labels: np.ndarray) -> np.ndarray:
 
 
 def make_target(labels: np.ndarray, kind: str, width: int = 2, distance: bool = False) -> np.ndarray:
-    """Dispatch on the configured target kind: ``(H, W)`` codes, or ``(H, W, 2)`` codes and distance."""
+    """Dispatch on the configured target kind: ``(H, W, 1)`` codes, or ``(H, W, 2)`` codes and distance.
+
+    Always channels-last, so augmentation, padding and the loss see one layout whatever the recipe.
+    """
     if kind == "mask":
         codes = mask_target(labels)
     elif kind == "boundary":
         codes = boundary_target(labels, width)
     else:
         raise ValueError(f"unknown target kind {kind!r}")
-    return np.stack([codes, distance_target(labels)], axis=-1) if distance else codes
+    return np.stack([codes, distance_target(labels)] if distance else [codes], axis=-1)
 
 
 def scale_to_canonical(labels: np.ndarray, canonical: float, limits: tuple[float, float] = (0.2, 5.0)) -> float:

@@ -107,7 +107,7 @@ def predictions_figure(model: keras.Model, val: Prepared, config: TrainConfig, p
     idx = np.linspace(0, len(val.images) - 1, num=min(count, len(val.images))).astype(int)
     x, y = augment.centre_crops([val.images[i] for i in idx], [val.targets[i] for i in idx], config.image_size)
     pred = np.argmax(model.predict(x.astype(np.float32), verbose=0)[..., :config.num_classes], axis=-1)
-    y = CLASS_OF_CODE[y[..., 0] if y.ndim == 4 else y]
+    y = CLASS_OF_CODE[y[..., 0]]
     figures.image_grid([list(x), list(y), list(pred)], ["image", "true mask", "predicted mask"], path,
                        cmaps=[None, "viridis", "viridis"])
 
