@@ -84,7 +84,9 @@ def distance_note(config: TrainConfig) -> str:
     """The distance output, where the model has one (it changes what seeds the watershed)."""
     if not config.distance_output:
         return ""
-    return (f"; plus each nucleus' distance to its own edge, divided by its largest (sigmoid output, loss "
+    head = (f", in a branch of its own of {config.distance_head} 3x3 conv-BN-ReLU" if config.distance_head
+            else ", sharing the class logits' final layer")
+    return (f"; plus each nucleus' distance to its own edge, divided by its largest (sigmoid output{head}, loss "
             f"weight {config.distance_weight})")
 
 
