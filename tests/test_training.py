@@ -19,7 +19,8 @@ from training.data import DataError, data_load, load_dataset
 from training.export import export_model
 from training.model import build_unet
 from training.losses import segmentation_loss
-from training.targets import CLASS_OF_CODE, CONTACT, GAP, boundary_target, distance_target, make_target
+from training.targets import CLASS_OF_CODE, CONTACT, GAP, SMALL, boundary_target, distance_target, make_target
+from training.train import main, parse_args
 
 
 def test_loader_merges_masks_and_handles_modes(dataset_dir: Path):
@@ -89,6 +90,23 @@ def test_gap_between_close_nuclei_is_marked_but_lone_background_is_not():
     assert (target[5:15, 36:38] == 2).all() and not (target[:, 30:] == CONTACT).any()
 
 
+def test_small_nuclei_are_marked_relative_to_their_image():
+    labels = np.zeros((40, 60), np.int32)
+    labels[2:14, 2:14] = 1
+    labels[2:14, 20:32] = 2
+    labels[20:32, 2:14] = 3
+    labels[20:26, 20:26] = 4  # a quarter of the median area: small
+    labels[20:29, 40:49] = 5  # 81 px, over half the median 144: not small
+    target = boundary_target(labels, width=2)
+    small = target >= SMALL + 1
+    assert (small == (labels == 4)).all()
+    assert (CLASS_OF_CODE[target[labels == 4]] == CLASS_OF_CODE[target[labels == 4] - SMALL]).all()
+    assert set(np.unique(CLASS_OF_CODE[target[labels == 4]])) == {1, 2}  # classes unchanged, interior and rim
+    alone = np.zeros((20, 20), np.int32)
+    alone[5:8, 5:8] = 1  # one nucleus is its image's median: never small
+    assert not (boundary_target(alone, width=1) > CONTACT).any()
+
+
 def test_distance_target_peaks_in_the_middle_of_each_touching_nucleus():
     labels = np.zeros((20, 40), np.int32)
     labels[5:15, 5:15] = 1
@@ -143,11 +161,15 @@ def test_distance_channel_moves_with_the_classes_through_augmentation_and_weight
 
 
 def test_loss_weights_follow_the_target_codes():
-    config = tiny_config("best").override(boundary_weight=2.0, contact_weight=5.0, distance_weight=0.0)
-    codes = tf.constant(np.arange(5, dtype=np.uint8).reshape(1, 5, 1))
-    _, classes, weights = augment.with_weights(tf.zeros((1, 5, 3)), codes, config)
-    assert classes.numpy().tolist() == [[0, 1, 2, 2, 0]]
-    assert weights.numpy().tolist() == [[1.0, 1.0, 2.0, 10.0, 5.0]]
+    config = tiny_config("best").override(boundary_weight=2.0, contact_weight=5.0, small_weight=3.0,
+                                          distance_weight=0.0)
+    codes = tf.constant(np.arange(8, dtype=np.uint8).reshape(1, 8, 1))
+    _, classes, weights = augment.with_weights(tf.zeros((1, 8, 3)), codes, config)
+    assert classes.numpy().tolist() == [[0, 1, 2, 2, 0, 1, 2, 2]]
+    assert weights.numpy().tolist() == [[1.0, 1.0, 2.0, 10.0, 5.0, 3.0, 6.0, 30.0]]
+    assert parse_args(["--data", "d", "--out", "o", "--preset", "best", "--small-weight", "3"])[0].small_weight == 3.0
+    with pytest.raises(SystemExit):  # a zero weight would silently drop small nuclei from the loss
+        parse_args(["--data", "d", "--out", "o", "--small-weight", "0"])
 
 
 def test_augmentation_keeps_image_and_mask_aligned():
@@ -188,7 +210,6 @@ def test_decoder_convs_add_refine_blocks_at_every_level():
 
 
 def test_distance_head_gives_the_distance_a_branch_of_its_own():
-    from training.train import parse_args
 
     shared = build_unet(tiny_config("best").override(distance_weight=1.0, distance_head=0))
     assert not any(layer.name.startswith("distance_") for layer in shared.layers)
@@ -205,7 +226,6 @@ def test_distance_head_gives_the_distance_a_branch_of_its_own():
 
 
 def test_cli_run_exports_a_savedmodel_matching_keras(dataset_dir: Path, tmp_path: Path):
-    from training.train import main
 
     run = tmp_path / "run"
     main(["--data", str(dataset_dir), "--out", str(run), "--epochs", "1", "--image-size", "64",
@@ -226,7 +246,6 @@ def test_cli_run_exports_a_savedmodel_matching_keras(dataset_dir: Path, tmp_path
 def test_a_model_with_the_distance_output_trains_exports_and_serves(dataset_dir: Path, tmp_path: Path):
     from service.model import SegmentationModel
     from service.pipeline import segment
-    from training.train import main
 
     run = tmp_path / "run"
     main(["--data", str(dataset_dir), "--out", str(run), "--preset", "best", "--distance-weight", "1",
@@ -295,7 +314,6 @@ def test_mixed_precision_model_is_served_as_a_float32_twin():
 
 
 def test_cli_overrides_the_preset_precision():
-    from training.train import parse_args
 
     config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best"])
     assert config.precision == "mixed_bfloat16" and config.stain

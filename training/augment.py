@@ -95,12 +95,13 @@ def with_weights(image: tf.Tensor, target: tf.Tensor, config: TrainConfig) -> tu
 
     With the distance output, the class is ``(H, W, 2)`` float: class index and normalised distance
     (see ``training.losses``). The thin, rare boundary class weighs ``boundary_weight``; where nuclei touch (codes
-    ``CONTACT`` and ``GAP``) the weight is multiplied by ``contact_weight``.
+    ``CONTACT`` and ``GAP``) the weight is multiplied by ``contact_weight``, and on small nuclei (codes
+    ``SMALL`` and up) by ``small_weight``.
     """
     codes = tf.cast(target[..., 0], tf.int32)
-    contact = config.contact_weight
-    weights = tf.gather(tf.constant([1.0, 1.0, config.boundary_weight, config.boundary_weight * contact, contact]),
-                        codes)
+    boundary, contact, small = config.boundary_weight, config.contact_weight, config.small_weight
+    weights = tf.gather(tf.constant([1.0, 1.0, boundary, boundary * contact, contact,
+                                     small, small * boundary, small * boundary * contact]), codes)
     classes = tf.gather(tf.constant(CLASS_OF_CODE), codes)
     if not config.distance_output:
         return image, classes, weights

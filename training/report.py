@@ -28,6 +28,7 @@ from training.data import list_sample_dirs, load_sample
 from training.evaluate import markdown_table, summary_row
 from training.figures import image_grid
 from training.split import MODALITIES, modality
+from training.targets import SMALL_FRACTION
 
 
 def load_run(run: Path) -> dict:
@@ -74,10 +75,11 @@ def target_note(summary: dict) -> str:
     return f"{goal} NOT met: {', '.join(missed)}." if missed else f"{goal} met."
 
 
-def contact_note(cfg: TrainConfig) -> str:
-    """The extra loss weight where nuclei touch, when the recipe used one (empty otherwise)."""
-    weight = cfg.contact_weight
-    return "" if weight == 1.0 else f", times {weight} where two nuclei touch: their rims and the gap between them"
+def extra_weight_note(cfg: TrainConfig) -> str:
+    """The extra loss weights where nuclei touch and on small nuclei, where the recipe used them (empty otherwise)."""
+    notes = [(cfg.contact_weight, "where two nuclei touch: their rims and the gap between them"),
+             (cfg.small_weight, f"on nuclei under {SMALL_FRACTION} of their image's median area")]
+    return "".join(f", times {weight} {where}" for weight, where in notes if weight != 1.0)
 
 
 def distance_note(config: TrainConfig) -> str:
@@ -135,7 +137,7 @@ time over the validation images on the 2-core machine, during the evaluation run
   {m['parameters']['total']:,} parameters.
 - Recipe: every image rescaled so its median nucleus is {cfg.canonical_diameter} px across;
   targets background / interior / boundary ({cfg.boundary_width} px rims, boundary loss weight
-  {cfg.boundary_weight}{contact_note(cfg)}){distance_note(cfg)}; ImageNet MobileNetV2 encoder fine-tuned from `{cfg.fine_tune_from}`
+  {cfg.boundary_weight}{extra_weight_note(cfg)}){distance_note(cfg)}; ImageNet MobileNetV2 encoder fine-tuned from `{cfg.fine_tune_from}`
   (BatchNorm kept in inference mode); decoder of pix2pix upsample blocks of
   {cfg.decoder_filters} filters{decoder_note(cfg)}; Adam {cfg.learning_rate} with cosine decay; augmentation:
   rotation, log-uniform zoom x/÷{1 + cfg.zoom}, flips, inversion, grayscale, channel shuffle, hue,

@@ -205,6 +205,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--encoder-weights", help="imagenet, none, or a .weights.h5 path")
     parser.add_argument("--fine-tune", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--small-weight", type=float,
+                        help="loss weight factor on nuclei under half their image's median area (1: none)")
     parser.add_argument("--distance-weight", type=float,
                         help="train the distance output (4th channel) with this loss weight; 0 turns it off")
     parser.add_argument("--distance-head", type=int,
@@ -217,11 +219,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     args = parser.parse_args(argv)
     if args.distance_head is not None and args.distance_head < 0:
         parser.error("--distance-head must be 0 or more")
+    if args.small_weight is not None and args.small_weight <= 0:
+        parser.error("--small-weight must be positive")
     config = preset(args.preset).override(
         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, image_size=args.image_size,
         batch_size=args.batch_size, learning_rate=args.learning_rate, encoder_weights=args.encoder_weights,
         fine_tune=args.fine_tune, seed=args.seed, val_fraction=args.val_fraction, precision=args.precision,
-        distance_weight=args.distance_weight, distance_head=args.distance_head,
+        distance_weight=args.distance_weight, distance_head=args.distance_head, small_weight=args.small_weight,
     )
     return config, args
 
