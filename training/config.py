@@ -43,7 +43,8 @@ class TrainConfig:
     boundary_weight: float = 1.0  # loss weight of boundary pixels (3-class target)
     contact_weight: float = 1.0  # weight factor where two nuclei touch (their rims and the gap between);
     # 5.0 scored 0.582 vs 0.592 at 1.0 (previous pix2pix-decoder recipe, docs/training.md), so the preset keeps 1.0
-    small_weight: float = 1.0  # weight factor on the pixels of nuclei under half their image's median area
+    small_weight: float = 1.0  # weight factor on the pixels of nuclei under half their image's median area;
+    # 3.0 (30 epochs) scored 0.605 / AP@0.5 0.812 vs 0.608 / 0.817 (docs/training.md), so the preset keeps 1.0
     distance_weight: float = 0.0  # >0: a 4th output, each nucleus' normalised distance to its edge
     # (sigmoid, loss weighted this much); seeds are cut from it instead of from P(interior).
     # 1.0 on the shipped recipe (29 epochs) scored 0.597 / AP@0.5 0.814 vs 0.608 / 0.817, so the preset keeps 0
