@@ -15,6 +15,7 @@ from PIL import Image
 from tests.conftest import tiny_config
 from tests.synthetic import make_dataset
 from training import augment
+from training.config import TrainConfig, preset
 from training.data import DataError, data_load, load_dataset
 from training.export import export_model
 from training.model import build_unet
@@ -319,3 +320,9 @@ def test_cli_overrides_the_preset_precision():
     assert config.precision == "mixed_bfloat16" and config.stain
     config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best", "--precision", "float32"])
     assert config.precision == "float32"
+
+
+def test_best_preset_is_the_shipped_models_recipe():
+    """``--preset best`` must reproduce ``models/default``: a new option's default may not change the recipe."""
+    shipped = json.loads((Path(__file__).resolve().parent.parent / "models" / "default" / "metadata.json").read_text())
+    assert TrainConfig.from_dict(shipped["training_config"]) == preset("best")
