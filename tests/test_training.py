@@ -211,7 +211,6 @@ def test_decoder_convs_add_refine_blocks_at_every_level():
 
 
 def test_distance_head_gives_the_distance_a_branch_of_its_own():
-
     shared = build_unet(tiny_config("best").override(distance_weight=1.0, distance_head=0))
     assert not any(layer.name.startswith("distance_") for layer in shared.layers)
     own = build_unet(tiny_config("best").override(distance_weight=1.0, distance_head=2))
@@ -227,7 +226,6 @@ def test_distance_head_gives_the_distance_a_branch_of_its_own():
 
 
 def test_cli_run_exports_a_savedmodel_matching_keras(dataset_dir: Path, tmp_path: Path):
-
     run = tmp_path / "run"
     main(["--data", str(dataset_dir), "--out", str(run), "--epochs", "1", "--image-size", "64",
           "--batch-size", "4", "--encoder-weights", "none", "--no-evaluate"])
@@ -315,7 +313,6 @@ def test_mixed_precision_model_is_served_as_a_float32_twin():
 
 
 def test_cli_overrides_the_preset_precision():
-
     config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best"])
     assert config.precision == "mixed_bfloat16" and config.stain
     config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best", "--precision", "float32"])

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from training.config import TrainConfig
-from training.targets import CLASS_OF_CODE
+from training.targets import CLASS_OF_CODE, code_weights
 
 
 def random_affine(image: tf.Tensor, target: tf.Tensor, config: TrainConfig, out_size: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -96,12 +96,11 @@ def with_weights(image: tf.Tensor, target: tf.Tensor, config: TrainConfig) -> tu
     With the distance output, the class is ``(H, W, 2)`` float: class index and normalised distance
     (see ``training.losses``). The thin, rare boundary class weighs ``boundary_weight``; where nuclei touch (codes
     ``CONTACT`` and ``GAP``) the weight is multiplied by ``contact_weight``, and on small nuclei (codes
-    ``SMALL`` and up) by ``small_weight``.
+    above ``SMALL``) by ``small_weight`` (see ``training.targets.code_weights``).
     """
     codes = tf.cast(target[..., 0], tf.int32)
-    boundary, contact, small = config.boundary_weight, config.contact_weight, config.small_weight
-    weights = tf.gather(tf.constant([1.0, 1.0, boundary, boundary * contact, contact,
-                                     small, small * boundary, small * boundary * contact]), codes)
+    weights = tf.gather(tf.constant(code_weights(config.boundary_weight, config.contact_weight, config.small_weight)),
+                        codes)
     classes = tf.gather(tf.constant(CLASS_OF_CODE), codes)
     if not config.distance_output:
         return image, classes, weights

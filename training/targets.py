@@ -34,12 +34,19 @@ def mask_target(labels: np.ndarray) -> np.ndarray:
 CONTACT = 3
 #: Target code of a background pixel with two different nuclei within reach (class 0, weighted more).
 GAP = 4
-#: Added to the code of each pixel of a small nucleus (interior 5, boundary 6, contact 7).
-SMALL = 4
+#: Added to the code of each pixel of a small nucleus: its codes follow ``GAP`` (interior 5, boundary 6, contact 7).
+SMALL = GAP
 #: A nucleus is small below this fraction of its image's median nucleus area.
 SMALL_FRACTION = 0.5
+_BASE_CLASSES = np.array([0, 1, 2, 2, 0], np.uint8)  # background, interior, boundary, CONTACT, GAP
 #: Class of each target code: the network predicts 3 classes, the codes only steer the loss weights.
-CLASS_OF_CODE = np.array([0, 1, 2, 2, 0, 1, 2, 2], np.uint8)
+CLASS_OF_CODE = np.concatenate([_BASE_CLASSES, _BASE_CLASSES[1:SMALL]])
+
+
+def code_weights(boundary: float, contact: float, small: float) -> np.ndarray:
+    """Loss weight of each target code, in ``CLASS_OF_CODE``'s order (the code layout lives here only)."""
+    base = np.array([1.0, 1.0, boundary, boundary * contact, contact], np.float32)
+    return np.concatenate([base, small * base[1:SMALL]])
 
 
 def boundary_target(labels: np.ndarray, width: int = 2) -> np.ndarray:
@@ -69,7 +76,6 @@ def small_nuclei(labels: np.ndarray) -> np.ndarray:
     small is what is small beside its neighbours.
     """
     areas = np.bincount(labels.ravel().astype(np.int64))
-    areas[0] = 0
     present = areas[1:][areas[1:] > 0]
     if present.size == 0:
         return np.zeros(labels.shape, bool)
