@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -142,8 +143,6 @@ def test_distance_loss_adds_weighted_sigmoid_cross_entropy_to_the_class_loss():
 
 
 def keras_ce(classes: np.ndarray, logits: tf.Tensor) -> np.ndarray:
-    import keras
-
     return keras.losses.sparse_categorical_crossentropy(classes, logits, from_logits=True).numpy()
 
 
@@ -208,6 +207,20 @@ def test_decoder_convs_add_refine_blocks_at_every_level():
     refined = build_unet(tiny_config("best").override(decoder_convs=2))
     assert refine_blocks(refined) == [f"refine_{i}_{j}" for i in range(4) for j in range(2)]
     assert refined.get_layer("refine_3_1").output.shape[-1] == 16  # the level's decoder width
+
+
+def test_full_res_level_joins_the_input_at_full_resolution():
+    plain = build_unet(tiny_config("best"))
+    assert isinstance(plain.get_layer("logits"), keras.layers.Conv2DTranspose)  # 1/2 resolution to logits
+    full = build_unet(tiny_config("best").override(full_res_filters=4))
+    assert full.get_layer("stem_full").output.shape[1:] == (None, None, 4)  # a conv of the input itself
+    assert full.get_layer("skip_full").output.shape[-1] == 8  # upsampled features + input conv
+    assert isinstance(full.get_layer("logits"), keras.layers.Conv2D)
+    assert not isinstance(full.get_layer("logits"), keras.layers.Conv2DTranspose)
+    assert full(np.zeros((1, 64, 96, 3), np.float32)).shape == (1, 64, 96, 3)
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "d", "--out", "o", "--full-res-filters", "-1"])
+    assert parse_args(["--data", "d", "--out", "o", "--full-res-filters", "8"])[0].full_res_filters == 8
 
 
 def test_distance_head_gives_the_distance_a_branch_of_its_own():

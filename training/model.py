@@ -1,7 +1,8 @@
 """Build the U-Net: MobileNetV2 encoder (transfer learning) + pix2pix upsample decoder.
 
 Each decoder level upsamples (pix2pix block), joins the encoder's skip activation and, with
-``decoder_convs`` > 0, refines the join with 3x3 convolutions before the next level.
+``decoder_convs`` > 0, refines the join with 3x3 convolutions before the next level. With
+``full_res_filters`` > 0 a last level at full resolution joins a convolution of the input itself.
 
 The network takes ``uint8``-valued RGB (as float) and scales it itself, so the exported model
 owns its input normalisation. It returns per-pixel class logits, then the distance logit when
@@ -97,13 +98,34 @@ def build_unet(config: TrainConfig, fixed_size: bool | None = None) -> keras.Mod
     else:
         x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
     encoder = build_encoder(config, input_shape)
+    scaled = x
     *skips, x = encoder(x, training=False)
     for i, (filters, skip) in enumerate(zip(config.decoder_filters, reversed(skips))):
         x = upsample(filters, 3, config.dropout, name=f"up_{i}")(x)
         x = layers.Concatenate(name=f"skip_{i}")([x, skip])
         for j in range(config.decoder_convs):
             x = conv_block(filters, name=f"refine_{i}_{j}")(x)
+    if config.full_res_filters:
+        x = full_resolution_level(config.full_res_filters, x, scaled)
     return keras.Model(inputs=inputs, outputs=output_logits(config, x), name="unet_mobilenetv2")
+
+
+def full_resolution_level(filters: int, features: keras.KerasTensor, scaled: keras.KerasTensor) -> keras.KerasTensor:
+    """Upsample the 1/2-resolution features and join them to a 3x3 conv of the input itself.
+
+    MobileNetV2's first layer already has stride 2, so without this level no full-resolution
+    evidence reaches the logits: the thin dark gap between two touching nuclei is seen only at
+    half resolution. No BatchNorm here: statistics of features this close to the pixels swing
+    with each batch of 8 jittered crops (bright, inverted, stained), and a first run with
+    BatchNorm scored validation losses 3x its training loss (docs/training.md).
+    """
+    def conv(layer: layers.Layer, name: str) -> keras.Sequential:
+        return keras.Sequential([layer, layers.ReLU()], name=name)
+
+    x = conv(layers.Conv2DTranspose(filters, 3, strides=2, padding="same"), "up_full")(features)
+    stem = conv(layers.Conv2D(filters, 3, padding="same"), "stem_full")(scaled)
+    x = layers.Concatenate(name="skip_full")([x, stem])
+    return conv(layers.Conv2D(filters, 3, padding="same"), "refine_full")(x)
 
 
 def output_logits(config: TrainConfig, features: keras.KerasTensor) -> keras.KerasTensor:
@@ -114,6 +136,8 @@ def output_logits(config: TrainConfig, features: keras.KerasTensor) -> keras.Ker
     Logits are float32 whatever the training precision: softmax and loss stay exact.
     """
     def final(channels: int, name: str) -> layers.Layer:
+        if config.full_res_filters:  # the features are at full resolution already
+            return layers.Conv2D(channels, 1, name=name, dtype="float32")
         return layers.Conv2DTranspose(channels, 3, strides=2, padding="same", name=name, dtype="float32")
 
     if not (config.distance_output and config.distance_head):

@@ -211,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                         help="train the distance output (4th channel) with this loss weight; 0 turns it off")
     parser.add_argument("--distance-head", type=int,
                         help="3x3 conv blocks in the distance output's own branch (0: it shares the final layer)")
+    parser.add_argument("--full-res-filters", type=int,
+                        help="filters of a full-resolution decoder level joined to the input (0: none)")
     parser.add_argument("--precision", choices=get_args(get_type_hints(TrainConfig)["precision"]),
                         help="training arithmetic; mixed_bfloat16 needs a CPU with native bf16 (e.g. AVX512_BF16) to be fast")
     parser.add_argument("--seed", type=int)
@@ -219,6 +221,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     args = parser.parse_args(argv)
     if args.distance_head is not None and args.distance_head < 0:
         parser.error("--distance-head must be 0 or more")
+    if args.full_res_filters is not None and args.full_res_filters < 0:
+        parser.error("--full-res-filters must be 0 or more")
     if args.small_weight is not None and args.small_weight <= 0:
         parser.error("--small-weight must be positive")
     config = preset(args.preset).override(
@@ -226,6 +230,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         batch_size=args.batch_size, learning_rate=args.learning_rate, encoder_weights=args.encoder_weights,
         fine_tune=args.fine_tune, seed=args.seed, val_fraction=args.val_fraction, precision=args.precision,
         distance_weight=args.distance_weight, distance_head=args.distance_head, small_weight=args.small_weight,
+        full_res_filters=args.full_res_filters,
     )
     return config, args
 
