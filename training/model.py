@@ -52,10 +52,14 @@ def upsample(filters: int, size: int, apply_dropout: float = 0.0, name: str | No
     return keras.Sequential(block, name=name)
 
 
-def conv_block(filters: int, name: str | None = None) -> keras.Sequential:
-    """3x3 Conv -> BatchNorm -> ReLU: mixes the upsampled features with the skip they were joined to."""
-    return keras.Sequential([layers.Conv2D(filters, 3, padding="same", use_bias=False),
-                             layers.BatchNormalization(), layers.ReLU()], name=name)
+def conv_block(filters: int, name: str | None = None, batch_norm: bool = True) -> keras.Sequential:
+    """3x3 Conv -> BatchNorm -> ReLU: mixes the upsampled features with the skip they were joined to.
+
+    ``batch_norm`` False gives the conv a bias instead (see ``full_resolution_level`` for why).
+    """
+    norm = [layers.BatchNormalization()] if batch_norm else []
+    return keras.Sequential([layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm),
+                             *norm, layers.ReLU()], name=name)
 
 
 def build_encoder(config: TrainConfig, input_shape: tuple[int | None, int | None, int]) -> keras.Model:
@@ -117,15 +121,12 @@ def full_resolution_level(filters: int, features: keras.KerasTensor, scaled: ker
     evidence reaches the logits: the thin dark gap between two touching nuclei is seen only at
     half resolution. No BatchNorm here: statistics of features this close to the pixels swing
     with each batch of 8 jittered crops (bright, inverted, stained), and a first run with
-    BatchNorm scored validation losses 3x its training loss (docs/training.md).
+    BatchNorm scored validation losses up to 3.5x its training loss (docs/training.md).
     """
-    def conv(layer: layers.Layer, name: str) -> keras.Sequential:
-        return keras.Sequential([layer, layers.ReLU()], name=name)
-
-    x = conv(layers.Conv2DTranspose(filters, 3, strides=2, padding="same"), "up_full")(features)
-    stem = conv(layers.Conv2D(filters, 3, padding="same"), "stem_full")(scaled)
+    x = layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation="relu", name="up_full")(features)
+    stem = conv_block(filters, name="stem_full", batch_norm=False)(scaled)
     x = layers.Concatenate(name="skip_full")([x, stem])
-    return conv(layers.Conv2D(filters, 3, padding="same"), "refine_full")(x)
+    return conv_block(filters, name="refine_full", batch_norm=False)(x)
 
 
 def output_logits(config: TrainConfig, features: keras.KerasTensor) -> keras.KerasTensor:

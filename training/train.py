@@ -193,6 +193,14 @@ def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bo
     return metrics
 
 
+def non_negative(text: str) -> int:
+    """argparse type of a count that may be 0 (conv blocks, filters): a negative one is a usage error."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="DSB2018 folder in Kaggle layout")
@@ -209,9 +217,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                         help="loss weight factor on nuclei under half their image's median area (1: none)")
     parser.add_argument("--distance-weight", type=float,
                         help="train the distance output (4th channel) with this loss weight; 0 turns it off")
-    parser.add_argument("--distance-head", type=int,
+    parser.add_argument("--distance-head", type=non_negative,
                         help="3x3 conv blocks in the distance output's own branch (0: it shares the final layer)")
-    parser.add_argument("--full-res-filters", type=int,
+    parser.add_argument("--full-res-filters", type=non_negative,
                         help="filters of a full-resolution decoder level joined to the input (0: none)")
     parser.add_argument("--precision", choices=get_args(get_type_hints(TrainConfig)["precision"]),
                         help="training arithmetic; mixed_bfloat16 needs a CPU with native bf16 (e.g. AVX512_BF16) to be fast")
@@ -219,10 +227,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     parser.add_argument("--val-fraction", type=float)
     parser.add_argument("--no-evaluate", action="store_true", help="skip the DSB2018 evaluation at the end")
     args = parser.parse_args(argv)
-    if args.distance_head is not None and args.distance_head < 0:
-        parser.error("--distance-head must be 0 or more")
-    if args.full_res_filters is not None and args.full_res_filters < 0:
-        parser.error("--full-res-filters must be 0 or more")
     if args.small_weight is not None and args.small_weight <= 0:
         parser.error("--small-weight must be positive")
     config = preset(args.preset).override(
