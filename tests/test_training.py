@@ -332,6 +332,20 @@ def test_cli_overrides_the_preset_precision():
     assert config.precision == "float32"
 
 
+def test_cli_chooses_where_fine_tuning_starts():
+    args = ["--data", "d", "--out", "o", "--preset", "best"]
+    assert parse_args(args)[0].fine_tune_from == "block_3_expand"
+    assert parse_args([*args, "--fine-tune-from", "all"])[0].fine_tune_from is None  # the whole encoder
+    assert parse_args([*args, "--fine-tune-from", "block_6_expand"])[0].fine_tune_from == "block_6_expand"
+
+
+def test_cli_sets_the_modality_balance():
+    args = ["--data", "d", "--out", "o", "--preset", "best"]
+    assert parse_args(args)[0].balance_power == 0.5
+    config = parse_args([*args, "--balance-power", "1"])[0]
+    assert config.balance_modalities and config.balance_power == 1.0
+
+
 def test_best_preset_is_the_shipped_models_recipe():
     """``--preset best`` must reproduce ``models/default``: a new option's default may not change the recipe."""
     shipped = json.loads((Path(__file__).resolve().parent.parent / "models" / "default" / "metadata.json").read_text())

@@ -61,6 +61,7 @@ class TrainConfig:
     colour: bool = False  # intensity / inversion / grayscale / hue jitter
     stain: bool = False  # also H&E (HED optical density) stain jitter, half the time (needs colour)
     balance_modalities: bool = False  # oversample the rare bright-field and H&E images
+    balance_power: float = 0.5  # with balance: a modality of n images gets a share of the crops ~ n ** (1 - power)
     # post-processing defaults (thresholds are re-tuned on validation and stored in metadata)
     min_size: int = 10
 

@@ -39,15 +39,16 @@ def split_ids(ids: list[str], groups: list[str], val_fraction: float, seed: int)
     return sorted(train), sorted(val)
 
 
-def sampling_probabilities(groups: list[str], balance: bool) -> np.ndarray:
-    """Per-image sampling probabilities; with ``balance``, each group weighs by ``1/sqrt(size)``.
+def sampling_probabilities(groups: list[str], balance: bool, power: float = 0.5) -> np.ndarray:
+    """Per-image sampling probabilities; with ``balance``, each group's images weigh ``size ** -power``.
 
-    The square root oversamples rare modalities without letting a handful of images dominate.
+    A group then gets ``size ** (1 - power)`` of the samples: 0.5 (the square root) oversamples
+    rare modalities without letting a handful of images dominate; 1 gives every group the same share.
     """
     groups_arr = np.asarray(groups)
     weights = np.ones(len(groups), dtype=np.float64)
     if balance:
         for group in set(groups):
             members = groups_arr == group
-            weights[members] = 1.0 / np.sqrt(members.sum())
+            weights[members] = float(members.sum()) ** -power
     return weights / weights.sum()

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import get_args, get_type_hints
 
@@ -70,7 +70,7 @@ def make_datasets(train: Prepared, val: Prepared, config: TrainConfig):
         train_ds = augment.resize_dataset(np.stack(train.images), np.stack(train.targets), config, training=True)
         val_ds = augment.resize_dataset(np.stack(val.images), np.stack(val.targets), config, training=False)
     else:
-        probs = sampling_probabilities(train.groups, config.balance_modalities)
+        probs = sampling_probabilities(train.groups, config.balance_modalities, config.balance_power)
         train_ds = augment.crop_dataset(train.images, train.targets, probs, config)
         val_x, val_y = augment.centre_crops(val.images, val.targets, config.image_size)
         val_ds = augment.resize_dataset(val_x, val_y, config, training=False)
@@ -213,6 +213,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--encoder-weights", help="imagenet, none, or a .weights.h5 path")
     parser.add_argument("--fine-tune", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--fine-tune-from", metavar="LAYER",
+                        help="first encoder layer to fine-tune (earlier ones stay frozen); 'all' for the whole encoder")
+    parser.add_argument("--balance-power", type=float,
+                        help="modality balance: a modality of n images gets crops ~ n ** (1 - power); 1: equal shares")
     parser.add_argument("--small-weight", type=float,
                         help="loss weight factor on nuclei under half their image's median area (1: none)")
     parser.add_argument("--distance-weight", type=float,
@@ -234,8 +238,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         batch_size=args.batch_size, learning_rate=args.learning_rate, encoder_weights=args.encoder_weights,
         fine_tune=args.fine_tune, seed=args.seed, val_fraction=args.val_fraction, precision=args.precision,
         distance_weight=args.distance_weight, distance_head=args.distance_head, small_weight=args.small_weight,
-        full_res_filters=args.full_res_filters,
+        full_res_filters=args.full_res_filters, balance_power=args.balance_power,
     )
+    if args.fine_tune_from is not None:
+        config = replace(config, fine_tune_from=None if args.fine_tune_from == "all" else args.fine_tune_from)
     return config, args
 
 
