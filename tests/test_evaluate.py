@@ -63,3 +63,18 @@ def test_report_is_built_from_the_runs(tile_run: Path, dataset_dir: Path, tmp_pa
     assert f"{summary['dsb_score']:.3f}" in report and "use the same split" in report
     for name in ("overlay_examples.png", "curves.png", "worst.png", "predictions.png"):
         assert (out / name).is_file()
+
+
+def test_report_recipe_names_the_encoder_training_and_the_modality_sampling():
+    from dataclasses import replace
+
+    from training.config import preset
+    from training.report import fine_tune_note, sampling_note
+
+    best = preset("best")
+    assert fine_tune_note(best) == "fine-tuned from `block_3_expand`"
+    assert fine_tune_note(replace(best, fine_tune_from=None)) == "fine-tuned whole"
+    assert fine_tune_note(replace(best, fine_tune=False)) == "frozen"
+    assert "size ** 0.5" in sampling_note(best)
+    assert "equally from each modality" in sampling_note(replace(best, balance_power=1.0))
+    assert "equally likely" in sampling_note(replace(best, balance_modalities=False))

@@ -86,6 +86,24 @@ def extra_weight_note(cfg: TrainConfig) -> str:
     return "".join(f", times {weight} {where}" for weight, where in notes if weight != 1.0)
 
 
+def fine_tune_note(cfg: TrainConfig) -> str:
+    """Which part of the encoder was trained."""
+    if not cfg.fine_tune:
+        return "frozen"
+    return f"fine-tuned from `{cfg.fine_tune_from}`" if cfg.fine_tune_from else "fine-tuned whole"
+
+
+def sampling_note(cfg: TrainConfig) -> str:
+    """How crops were drawn across modalities."""
+    if not cfg.balance_modalities:
+        return "every training image equally likely to give a crop"
+    if cfg.balance_power == 1.0:
+        return "crops drawn equally from each modality (fluorescence, bright-field, stained tissue)"
+    power = cfg.balance_power
+    return (f"bright-field and stained-tissue images oversampled (each image weighs group size ** -{power:g}, "
+            f"so a modality gets crops ~ its size ** {1 - power:g})")
+
+
 def distance_note(config: TrainConfig) -> str:
     """The distance output, where the model has one (it changes what seeds the watershed)."""
     if not config.distance_output:
@@ -141,12 +159,12 @@ time over the validation images on the 2-core machine, during the evaluation run
   {m['parameters']['total']:,} parameters.
 - Recipe: every image rescaled so its median nucleus is {cfg.canonical_diameter} px across;
   targets background / interior / boundary ({cfg.boundary_width} px rims, boundary loss weight
-  {cfg.boundary_weight}{extra_weight_note(cfg)}){distance_note(cfg)}; ImageNet MobileNetV2 encoder fine-tuned from `{cfg.fine_tune_from}`
+  {cfg.boundary_weight}{extra_weight_note(cfg)}){distance_note(cfg)}; ImageNet MobileNetV2 encoder {fine_tune_note(cfg)}
   (BatchNorm kept in inference mode); decoder of pix2pix upsample blocks of
   {cfg.decoder_filters} filters{decoder_note(cfg)}; Adam {cfg.learning_rate} with cosine decay; augmentation:
   rotation, log-uniform zoom x/÷{1 + cfg.zoom}, flips, inversion, grayscale, channel shuffle, hue,
   saturation, contrast, gamma, noise{', H&E stain (HED optical density) jitter' if cfg.stain else ''};
-  bright-field and stained-tissue images oversampled (weight 1/sqrt(group size)); per-image
+  {sampling_note(cfg)}; per-image
   percentile intensity stretch shared by training and serving. Precision:
   {cfg.precision} during training; the exported network computes in float32.
 - Inference: the image is stretched, run in overlapping {cfg.image_size}x{cfg.image_size}
