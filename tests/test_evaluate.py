@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 
 from service.model import SegmentationModel
 from service.pipeline import segment
@@ -78,3 +80,11 @@ def test_report_recipe_names_the_encoder_training_and_the_modality_sampling():
     assert "size ** 0.5" in sampling_note(best)
     assert "equally from each modality" in sampling_note(replace(best, balance_power=1.0))
     assert "equally likely" in sampling_note(replace(best, balance_modalities=False))
+
+
+def test_cli_reports_bad_input_without_a_traceback(tile_model_dir: Path, tmp_path: Path):
+    with pytest.raises(SystemExit, match="model folder not found"):
+        evaluate_main(["--model", str(tmp_path / "absent"), "--data", str(tmp_path), "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="no sample folders"):  # a data folder without images
+        evaluate_main(["--model", str(tile_model_dir), "--data", str(tmp_path), "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

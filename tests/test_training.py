@@ -337,6 +337,8 @@ def test_cli_chooses_where_fine_tuning_starts():
     assert parse_args(args)[0].fine_tune_from == "block_3_expand"
     assert parse_args([*args, "--fine-tune-from", "all"])[0].fine_tune_from is None  # the whole encoder
     assert parse_args([*args, "--fine-tune-from", "block_6_expand"])[0].fine_tune_from == "block_6_expand"
+    with pytest.raises(SystemExit):  # a usage error before any data is loaded
+        parse_args([*args, "--fine-tune-from", "block_99_expand"])
 
 
 def test_cli_sets_the_modality_balance():
@@ -344,6 +346,13 @@ def test_cli_sets_the_modality_balance():
     assert parse_args(args)[0].balance_power == 0.5
     config = parse_args([*args, "--balance-power", "1"])[0]
     assert config.balance_modalities and config.balance_power == 1.0
+
+
+def test_cli_reports_a_missing_data_folder_and_leaves_no_run_folder(tmp_path: Path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="data folder not found"):
+        main(["--data", str(tmp_path / "absent"), "--out", str(out)])
+    assert not out.exists()
 
 
 def test_best_preset_is_the_shipped_models_recipe():

@@ -13,17 +13,18 @@ import argparse
 import csv
 import itertools
 import json
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from service.model import SegmentationModel
+from service.model import ModelLoadError, SegmentationModel
 from service.pipeline import SegmentOptions, segment
 from service.postprocess import instances_from_probabilities
 from training import figures
-from training.data import NucleiDataset, list_sample_dirs, load_dataset, load_sample
+from training.data import DataError, NucleiDataset, list_sample_dirs, load_dataset, load_sample
 from training.export import update_metadata
 from training.matching import ImageScore, score_image
 from training.split import MODALITIES, modality
@@ -41,11 +42,11 @@ def split_samples(model: SegmentationModel, data_dir: Path, split: str) -> Nucle
         raise ValueError(f"unknown split {split!r} (validation or all)")
     ids = model.spec.metadata.get("split", {}).get("validation_ids")
     if not ids:
-        raise ValueError(f"model {model.model_dir} records no validation split")
+        raise ModelLoadError(f"model {model.model_dir} records no validation split; use --split all")
     by_name = {d.name: d for d in list_sample_dirs(data_dir)}
     missing = [i for i in ids if i not in by_name]
     if missing:
-        raise ValueError(f"{len(missing)} validation ids not in {data_dir}, e.g. {missing[0]}")
+        raise DataError(f"{len(missing)} validation ids not in {data_dir}, e.g. {missing[0]}")
     return NucleiDataset([load_sample(by_name[i]) for i in ids])
 
 
@@ -186,10 +187,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-auto-scale", action="store_true", help="skip rescaling to the canonical nucleus size")
     parser.add_argument("--tune", action="store_true", help="tune thresholds on validation first")
     args = parser.parse_args(argv)
-    if args.tune:
-        tune_thresholds(args.model, args.data)
     out = args.out or args.model.parent / "evaluation"
-    evaluate_model(args.model, args.data, out, args.split, SegmentOptions(tiling=args.tiling, tta=args.tta, auto_scale=not args.no_auto_scale))
+    options = SegmentOptions(tiling=args.tiling, tta=args.tta, auto_scale=not args.no_auto_scale)
+    try:
+        if args.tune:
+            tune_thresholds(args.model, args.data)
+        evaluate_model(args.model, args.data, out, args.split, options)
+    except (DataError, ModelLoadError) as error:  # the user's input, not a bug: a message, no traceback
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

@@ -78,13 +78,23 @@ def build_encoder(config: TrainConfig, input_shape: tuple[int | None, int | None
     encoder = keras.Model(inputs=base.input, outputs=outputs, name="mobilenetv2_encoder")
     encoder.trainable = config.fine_tune
     if config.fine_tune and config.fine_tune_from:
-        names = [layer.name for layer in base.layers]
-        if config.fine_tune_from not in names:
-            raise ValueError(f"fine_tune_from: no encoder layer named {config.fine_tune_from!r}")
-        first = names.index(config.fine_tune_from)
+        first = fine_tune_start([layer.name for layer in base.layers], config.fine_tune_from)
         for layer in base.layers[:first]:
             layer.trainable = False  # backprop stops here: the costly full-resolution layers stay fixed
     return encoder
+
+
+def encoder_layer_names() -> list[str]:
+    """Names of the MobileNetV2 encoder's layers (no weights loaded): what ``fine_tune_from`` may name."""
+    base = keras.applications.MobileNetV2(input_shape=(None, None, 3), include_top=False, weights=None)
+    return [layer.name for layer in base.layers]
+
+
+def fine_tune_start(names: list[str], layer: str) -> int:
+    """Index of the first fine-tuned layer; a clear error for a name the encoder does not have."""
+    if layer not in names:
+        raise ValueError(f"fine_tune_from: no encoder layer named {layer!r} (e.g. block_3_expand, block_6_expand)")
+    return names.index(layer)
 
 
 def build_unet(config: TrainConfig, fixed_size: bool | None = None) -> keras.Model:

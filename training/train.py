@@ -24,10 +24,10 @@ import numpy as np
 from service.normalise import normalise
 from training import augment, figures
 from training.config import PRESETS, TrainConfig, preset
-from training.data import NucleiDataset, fingerprint, load_dataset, resize_image
+from training.data import DataError, NucleiDataset, fingerprint, load_dataset, resize_image
 from training.export import build_metadata, export_model
 from training.losses import pixel_accuracy, segmentation_loss
-from training.model import build_unet, float32_copy, precision
+from training.model import build_unet, encoder_layer_names, float32_copy, fine_tune_start, precision
 from training.split import modality, sampling_probabilities, split_ids
 from training.targets import CLASS_OF_CODE, make_target, scale_to_canonical
 
@@ -125,10 +125,10 @@ def count_params(model: keras.Model) -> dict[str, int]:
 
 def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bool = True) -> dict:
     """The whole run; returns the metrics written to ``RUN_DIR/metrics.json``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     started = time.time()
     dataset = load_dataset(data_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)  # after the data loads: a bad --data leaves nothing behind
     groups = {s.id: modality(s.image) for s in dataset.samples}
     train_ids, val_ids = split_ids(dataset.ids, [groups[i] for i in dataset.ids], config.val_fraction, config.seed)
     print(f"data: {len(dataset)} images, {len(train_ids)} train / {len(val_ids)} validation "
@@ -241,13 +241,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         full_res_filters=args.full_res_filters, balance_power=args.balance_power,
     )
     if args.fine_tune_from is not None:
+        if args.fine_tune_from != "all":
+            try:  # here, not after the data has loaded
+                fine_tune_start(encoder_layer_names(), args.fine_tune_from)
+            except ValueError as error:
+                parser.error(str(error))
         config = replace(config, fine_tune_from=None if args.fine_tune_from == "all" else args.fine_tune_from)
     return config, args
 
 
 def main(argv: list[str] | None = None) -> None:
     config, args = parse_args(argv)
-    train(config, args.data, args.out, evaluate_after=not args.no_evaluate)
+    try:
+        train(config, args.data, args.out, evaluate_after=not args.no_evaluate)
+    except DataError as error:
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
