@@ -240,13 +240,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         distance_weight=args.distance_weight, distance_head=args.distance_head, small_weight=args.small_weight,
         full_res_filters=args.full_res_filters, balance_power=args.balance_power,
     )
-    if args.fine_tune_from is not None:
-        if args.fine_tune_from != "all":
-            try:  # here, not after the data has loaded
-                fine_tune_start(encoder_layer_names(), args.fine_tune_from)
-            except ValueError as error:
-                parser.error(str(error))
-        config = replace(config, fine_tune_from=None if args.fine_tune_from == "all" else args.fine_tune_from)
+    if args.fine_tune_from == "all":
+        config = replace(config, fine_tune_from=None)
+    elif args.fine_tune_from is not None:
+        try:  # here, not after the data has loaded
+            fine_tune_start(encoder_layer_names(), args.fine_tune_from)
+        except ValueError as error:
+            parser.error(str(error))
+        config = replace(config, fine_tune_from=args.fine_tune_from)
     return config, args
 
 
