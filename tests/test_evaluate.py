@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-
 from service.model import SegmentationModel
 from service.pipeline import segment
+from training.config import preset
 from training.data import load_dataset
 from training.evaluate import main as evaluate_main
-from training.evaluate import SEED_GRID, SIGMA_GRID, tune_thresholds
+from training.evaluate import SEED_GRID, SIGMA_GRID, evaluate_model, tune_thresholds
 from training.matching import score_image
+from training.report import fine_tune_note, sampling_note, write_report
 
 
 def test_evaluate_writes_report_and_scores_the_service_path(tile_model_dir: Path, dataset_dir: Path, tmp_path: Path):
@@ -50,11 +53,6 @@ def test_tune_thresholds_stores_them_in_metadata(tile_run: Path, dataset_dir: Pa
 
 
 def test_report_is_built_from_the_runs(tile_run: Path, dataset_dir: Path, tmp_path: Path):
-    import shutil
-
-    from training.evaluate import evaluate_model
-    from training.report import write_report
-
     run = tmp_path / "run"
     shutil.copytree(tile_run, run)
     evaluate_model(run / "model", dataset_dir, run / "evaluation")
@@ -68,11 +66,6 @@ def test_report_is_built_from_the_runs(tile_run: Path, dataset_dir: Path, tmp_pa
 
 
 def test_report_recipe_names_the_encoder_training_and_the_modality_sampling():
-    from dataclasses import replace
-
-    from training.config import preset
-    from training.report import fine_tune_note, sampling_note
-
     best = preset("best")
     assert fine_tune_note(best) == "fine-tuned from `block_3_expand`"
     assert fine_tune_note(replace(best, fine_tune_from=None)) == "fine-tuned whole"
