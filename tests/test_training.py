@@ -238,6 +238,29 @@ def test_distance_head_gives_the_distance_a_branch_of_its_own():
     assert plain.count_params() == build_unet(tiny_config("best").override(distance_weight=0.0)).count_params()
 
 
+def encoder_bn_drift(config: TrainConfig) -> float:
+    """How far one training-mode pass moves the fine-tuned encoder's BatchNorm running means."""
+    model = build_unet(config)
+    norms = [layer for layer in model.get_layer("mobilenetv2_encoder").layers
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    before = [keras.ops.convert_to_numpy(layer.moving_mean) for layer in norms]
+    model(np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32), training=True)
+    return max(float(np.abs(keras.ops.convert_to_numpy(layer.moving_mean) - b).max())
+               for layer, b in zip(norms, before))
+
+
+def test_freeze_encoder_bn_keeps_the_encoders_batchnorm_in_inference_mode():
+    whole = tiny_config("best").override(fine_tune_from="Conv1")  # every encoder layer trainable
+    # Keras 3 hands the outer training flag to the nested encoder: its BatchNorm follows the batch
+    assert encoder_bn_drift(whole) > 0
+    frozen = whole.override(freeze_encoder_bn=True)
+    assert encoder_bn_drift(frozen) == 0
+    encoder = build_unet(frozen).get_layer("mobilenetv2_encoder")
+    assert encoder.get_layer("Conv1").trainable and not encoder.get_layer("bn_Conv1").trainable
+    assert parse_args(["--data", "d", "--out", "o", "--freeze-encoder-bn"])[0].freeze_encoder_bn
+    assert not parse_args(["--data", "d", "--out", "o"])[0].freeze_encoder_bn
+
+
 def test_cli_run_exports_a_savedmodel_matching_keras(dataset_dir: Path, tmp_path: Path):
     run = tmp_path / "run"
     main(["--data", str(dataset_dir), "--out", str(run), "--epochs", "1", "--image-size", "64",

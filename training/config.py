@@ -31,6 +31,8 @@ class TrainConfig:
     encoder_weights: str = "imagenet"  # "imagenet", "none", or a path to a .weights.h5 file
     fine_tune: bool = False
     fine_tune_from: str | None = None  # first encoder layer to train (earlier, high-resolution ones stay frozen)
+    freeze_encoder_bn: bool = False  # keep the fine-tuned encoder's BatchNorm layers fixed, in inference mode;
+    #   False: they normalise each training batch by its own statistics and update their running averages
     decoder_filters: tuple[int, ...] = (512, 256, 128, 64)
     decoder_convs: int = 0  # 3x3 conv-BN-ReLU blocks after each skip concatenation (0: pix2pix decoder)
     full_res_filters: int = 0  # >0: a full-resolution decoder level joined to a conv of the input itself;

@@ -81,6 +81,10 @@ def build_encoder(config: TrainConfig, input_shape: tuple[int | None, int | None
         first = fine_tune_start([layer.name for layer in base.layers], config.fine_tune_from)
         for layer in base.layers[:first]:
             layer.trainable = False  # backprop stops here: the costly full-resolution layers stay fixed
+    if config.freeze_encoder_bn:
+        for layer in base.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.trainable = False  # Keras 3: a non-trainable BatchNorm always runs in inference mode
     return encoder
 
 
@@ -100,8 +104,9 @@ def fine_tune_start(names: list[str], layer: str) -> int:
 def build_unet(config: TrainConfig, fixed_size: bool | None = None) -> keras.Model:
     """The U-Net for ``config``: fixed ``image_size`` input in resize mode, any size in tile mode.
 
-    The encoder always runs with ``training=False``: its BatchNorm layers keep their ImageNet
-    statistics (folded into the shared weights) even while it is fine-tuned.
+    Keras 3 passes the outer ``training`` flag down to nested models (a ``training=False`` given
+    when the graph is built does not hold), so the encoder's trainable BatchNorm layers use batch
+    statistics in training unless ``freeze_encoder_bn`` makes them non-trainable.
     """
     fixed = config.inference == "resize" if fixed_size is None else fixed_size
     side = config.image_size if fixed else None
@@ -113,7 +118,7 @@ def build_unet(config: TrainConfig, fixed_size: bool | None = None) -> keras.Mod
         x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="scale")(inputs)
     encoder = build_encoder(config, input_shape)
     scaled = x
-    *skips, x = encoder(x, training=False)
+    *skips, x = encoder(x)
     for i, (filters, skip) in enumerate(zip(config.decoder_filters, reversed(skips))):
         x = upsample(filters, 3, config.dropout, name=f"up_{i}")(x)
         x = layers.Concatenate(name=f"skip_{i}")([x, skip])

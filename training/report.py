@@ -87,10 +87,13 @@ def extra_weight_note(cfg: TrainConfig) -> str:
 
 
 def fine_tune_note(cfg: TrainConfig) -> str:
-    """Which part of the encoder was trained."""
+    """Which part of the encoder was trained, and how its BatchNorm layers behaved in training."""
     if not cfg.fine_tune:
-        return "frozen"
-    return f"fine-tuned from `{cfg.fine_tune_from}`" if cfg.fine_tune_from else "fine-tuned whole"
+        return "frozen (BatchNorm in inference mode)"
+    part = f"fine-tuned from `{cfg.fine_tune_from}`" if cfg.fine_tune_from else "fine-tuned whole"
+    if cfg.freeze_encoder_bn:
+        return f"{part} (its BatchNorm layers fixed, in inference mode)"
+    return f"{part} (its trainable BatchNorm layers normalising by each batch's statistics in training)"
 
 
 def sampling_note(cfg: TrainConfig) -> str:
@@ -159,8 +162,8 @@ time over the validation images on the 2-core machine, during the evaluation run
   {m['parameters']['total']:,} parameters.
 - Recipe: every image rescaled so its median nucleus is {cfg.canonical_diameter} px across;
   targets background / interior / boundary ({cfg.boundary_width} px rims, boundary loss weight
-  {cfg.boundary_weight}{extra_weight_note(cfg)}){distance_note(cfg)}; ImageNet MobileNetV2 encoder {fine_tune_note(cfg)}
-  (BatchNorm kept in inference mode); decoder of pix2pix upsample blocks of
+  {cfg.boundary_weight}{extra_weight_note(cfg)}){distance_note(cfg)}; ImageNet MobileNetV2 encoder {fine_tune_note(cfg)};
+  decoder of pix2pix upsample blocks of
   {cfg.decoder_filters} filters{decoder_note(cfg)}; Adam {cfg.learning_rate} with cosine decay; augmentation:
   rotation, log-uniform zoom x/÷{1 + cfg.zoom}, flips, inversion, grayscale, channel shuffle, hue,
   saturation, contrast, gamma, noise{', H&E stain (HED optical density) jitter' if cfg.stain else ''};

@@ -215,6 +215,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     parser.add_argument("--fine-tune", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--fine-tune-from", metavar="LAYER",
                         help="first encoder layer to fine-tune (earlier ones stay frozen); 'all' for the whole encoder")
+    parser.add_argument("--freeze-encoder-bn", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the encoder's BatchNorm layers fixed, in inference mode, while it is fine-tuned")
     parser.add_argument("--balance-power", type=float,
                         help="modality balance: a modality of n images gets crops ~ n ** (1 - power); 1: equal shares")
     parser.add_argument("--small-weight", type=float,
@@ -239,6 +241,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
         fine_tune=args.fine_tune, seed=args.seed, val_fraction=args.val_fraction, precision=args.precision,
         distance_weight=args.distance_weight, distance_head=args.distance_head, small_weight=args.small_weight,
         full_res_filters=args.full_res_filters, balance_power=args.balance_power,
+        freeze_encoder_bn=args.freeze_encoder_bn,
     )
     if args.fine_tune_from == "all":
         config = replace(config, fine_tune_from=None)
