@@ -67,9 +67,9 @@ def test_report_is_built_from_the_runs(tile_run: Path, dataset_dir: Path, tmp_pa
 
 def test_report_recipe_names_the_encoder_training_and_the_modality_sampling():
     best = preset("best")
-    assert fine_tune_note(best).startswith("fine-tuned from `block_3_expand` (its trainable BatchNorm")
-    assert fine_tune_note(replace(best, fine_tune_from=None, freeze_encoder_bn=True)) == (
-        "fine-tuned whole (its BatchNorm layers fixed, in inference mode)")
+    assert fine_tune_note(best) == "fine-tuned whole (its BatchNorm layers fixed, in inference mode)"
+    assert fine_tune_note(replace(best, fine_tune_from="block_3_expand", freeze_encoder_bn=False)).startswith(
+        "fine-tuned from `block_3_expand` (its trainable BatchNorm")
     assert fine_tune_note(replace(best, fine_tune=False)) == "frozen (BatchNorm in inference mode)"
     assert "size ** 0.5" in sampling_note(best)
     assert "equally from each modality" in sampling_note(replace(best, balance_power=1.0))

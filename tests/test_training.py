@@ -250,7 +250,7 @@ def encoder_bn_drift(config: TrainConfig) -> float:
 
 
 def test_freeze_encoder_bn_keeps_the_encoders_batchnorm_in_inference_mode():
-    whole = tiny_config("best").override(fine_tune_from="Conv1")  # every encoder layer trainable
+    whole = tiny_config("best").override(fine_tune_from="Conv1", freeze_encoder_bn=False)  # all layers train
     # Keras 3 hands the outer training flag to the nested encoder: its BatchNorm follows the batch
     assert encoder_bn_drift(whole) > 0
     frozen = whole.override(freeze_encoder_bn=True)
@@ -258,7 +258,8 @@ def test_freeze_encoder_bn_keeps_the_encoders_batchnorm_in_inference_mode():
     encoder = build_unet(frozen).get_layer("mobilenetv2_encoder")
     assert encoder.get_layer("Conv1").trainable and not encoder.get_layer("bn_Conv1").trainable
     assert parse_args(["--data", "d", "--out", "o", "--freeze-encoder-bn"])[0].freeze_encoder_bn
-    assert not parse_args(["--data", "d", "--out", "o"])[0].freeze_encoder_bn
+    assert not parse_args(["--data", "d", "--out", "o"])[0].freeze_encoder_bn  # the reference preset
+    assert not parse_args(["--data", "d", "--out", "o", "--preset", "best", "--no-freeze-encoder-bn"])[0].freeze_encoder_bn
 
 
 def test_cli_run_exports_a_savedmodel_matching_keras(dataset_dir: Path, tmp_path: Path):
@@ -357,8 +358,9 @@ def test_cli_overrides_the_preset_precision():
 
 def test_cli_chooses_where_fine_tuning_starts():
     args = ["--data", "d", "--out", "o", "--preset", "best"]
-    assert parse_args(args)[0].fine_tune_from == "block_3_expand"
-    assert parse_args([*args, "--fine-tune-from", "all"])[0].fine_tune_from is None  # the whole encoder
+    assert parse_args(args)[0].fine_tune_from is None  # the preset trains the whole encoder
+    assert parse_args([*args, "--fine-tune-from", "block_3_expand"])[0].fine_tune_from == "block_3_expand"
+    assert parse_args([*args, "--fine-tune-from", "all"])[0].fine_tune_from is None
     assert parse_args([*args, "--fine-tune-from", "block_6_expand"])[0].fine_tune_from == "block_6_expand"
     with pytest.raises(SystemExit):  # a usage error before any data is loaded
         parse_args([*args, "--fine-tune-from", "block_99_expand"])
