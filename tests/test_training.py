@@ -259,7 +259,9 @@ def test_freeze_encoder_bn_keeps_the_encoders_batchnorm_in_inference_mode():
     assert encoder.get_layer("Conv1").trainable and not encoder.get_layer("bn_Conv1").trainable
     assert parse_args(["--data", "d", "--out", "o", "--freeze-encoder-bn"])[0].freeze_encoder_bn
     assert not parse_args(["--data", "d", "--out", "o"])[0].freeze_encoder_bn  # the reference preset
-    assert not parse_args(["--data", "d", "--out", "o", "--preset", "best", "--no-freeze-encoder-bn"])[0].freeze_encoder_bn
+    best = ["--data", "d", "--out", "o", "--preset", "best"]
+    assert parse_args(best)[0].freeze_encoder_bn
+    assert not parse_args([*best, "--no-freeze-encoder-bn"])[0].freeze_encoder_bn
 
 
 def test_cli_run_exports_a_savedmodel_matching_keras(dataset_dir: Path, tmp_path: Path):

@@ -49,10 +49,12 @@ class TrainConfig:
     contact_weight: float = 1.0  # weight factor where two nuclei touch (their rims and the gap between);
     # 5.0 scored 0.582 vs 0.592 at 1.0 (previous pix2pix-decoder recipe, docs/training.md), so the preset keeps 1.0
     small_weight: float = 1.0  # weight factor on the pixels of nuclei under half their image's median area;
-    # 3.0 (30 epochs) scored 0.605 / AP@0.5 0.812 vs 0.608 / 0.817 (block_3_expand recipe, docs/training.md), so the preset keeps 1.0
+    # 3.0 (30 epochs) scored 0.605 / AP@0.5 0.812 vs 0.608 / 0.817 (block_3_expand recipe, docs/training.md),
+    # so the preset keeps 1.0
     distance_weight: float = 0.0  # >0: a 4th output, each nucleus' normalised distance to its edge
     # (sigmoid, loss weighted this much); seeds are cut from it instead of from P(interior).
-    # 1.0 on the shipped recipe (29 epochs) scored 0.597 / AP@0.5 0.814 vs 0.608 / 0.817 (block_3_expand recipe), so the preset keeps 0
+    # 1.0 on the then-shipped block_3_expand recipe (29 epochs) scored 0.597 / AP@0.5 0.814 vs 0.608 / 0.817,
+    # so the preset keeps 0
     distance_head: int = 0  # 3x3 conv blocks in a branch of its own for the distance output (0: it shares
     # the class logits' final layer); 1 (with weight 1, 30 epochs) scored 0.602 / AP@0.5 0.816, so the preset keeps 0
     precision: Literal["float32", "mixed_bfloat16"] = "float32"  # training only; the export is float32
@@ -64,7 +66,8 @@ class TrainConfig:
     stain: bool = False  # also H&E (HED optical density) stain jitter, half the time (needs colour)
     balance_modalities: bool = False  # oversample the rare bright-field and H&E images
     balance_power: float = 0.5  # with balance: a modality of n images gets a share of the crops ~ n ** (1 - power)
-    # 1.0 (equal shares) scored 0.603 / AP@0.5 0.811 vs 0.608 / 0.817 (block_3_expand recipe), lower on every modality (docs/training.md)
+    # 1.0 (equal shares) scored 0.603 / AP@0.5 0.811 vs 0.608 / 0.817 (block_3_expand recipe), lower on every
+    # modality (docs/training.md)
     # post-processing defaults (thresholds are re-tuned on validation and stored in metadata)
     min_size: int = 10
 
