@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import keras
@@ -16,7 +17,7 @@ from PIL import Image
 from tests.conftest import tiny_config
 from tests.synthetic import make_dataset
 from training import augment
-from training.config import TrainConfig, preset
+from training.config import PRESETS, TrainConfig, preset
 from training.data import DataError, data_load, load_dataset
 from training.export import export_model
 from training.model import build_unet
@@ -358,10 +359,13 @@ def test_cli_overrides_the_preset_precision():
     assert config.precision == "float32"
 
 
-def test_cli_chooses_where_fine_tuning_starts():
+def test_cli_chooses_where_fine_tuning_starts(monkeypatch):
     args = ["--data", "d", "--out", "o", "--preset", "best"]
     assert parse_args(args)[0].fine_tune_from is None  # the preset trains the whole encoder
     assert parse_args([*args, "--fine-tune-from", "block_3_expand"])[0].fine_tune_from == "block_3_expand"
+    # 'all' overrides a preset that starts part-way (the best preset no longer does, so one is made here)
+    monkeypatch.setitem(PRESETS, "best", replace(preset("best"), fine_tune_from="block_3_expand"))
+    assert parse_args(args)[0].fine_tune_from == "block_3_expand"
     assert parse_args([*args, "--fine-tune-from", "all"])[0].fine_tune_from is None
     assert parse_args([*args, "--fine-tune-from", "block_6_expand"])[0].fine_tune_from == "block_6_expand"
     with pytest.raises(SystemExit):  # a usage error before any data is loaded
