@@ -77,7 +77,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     model: SegmentationModel = app.state.model
     await run_in_threadpool(model.warm)
     batcher = MicroBatcher(model.predict_now, settings.batch_max_size, settings.batch_max_wait_ms,
-                           settings.max_queue_tiles, on_batch=app.state.metrics.observe_batch)
+                           settings.max_queue_tiles, on_batch=app.state.metrics.observe_batch,
+                           unit_pixels=model.spec.image_size ** 2)
     model.attach_batcher(batcher)
     app.state.ready = True
     log.info("model %s loaded and warmed", model.model_dir)
@@ -295,7 +296,8 @@ async def segment_upload(request: Request, data: bytes, name: str | None, model:
 
 def request_options(settings: Settings, tiling: bool | None, tta: bool, min_size: int | None) -> SegmentOptions:
     """The pipeline options of one request (shared by /segment and /segment/batch)."""
-    return SegmentOptions(tiling=tiling, tta=tta, min_size=min_size, tile_batch_size=settings.tile_batch_size)
+    return SegmentOptions(tiling=tiling, tta=tta, min_size=min_size, tile_batch_size=settings.tile_batch_size,
+                          max_tile_size=settings.max_tile_size)
 
 
 def image_id(filename: str | None, index: int) -> str:

@@ -3,7 +3,9 @@
 On a small CPU box, one model call on 8 tiles costs much less than 8 calls on one tile, and
 concurrent calls only fight over the same cores. So every request thread hands its tiles to
 one worker thread, which waits at most ``max_wait_ms`` for more work of the same tile shape, runs
-up to ``max_batch`` tiles at once, and hands each caller its slice of the result. Callers that
+up to ``max_batch`` tiles at once, and hands each caller its slice of the result. With
+``unit_pixels`` set, tiles are counted in units of that many pixels (the model's input tile), so
+that the bounds mean the same memory whatever size the tiles are. Callers that
 declare themselves with :meth:`MicroBatcher.caller` let the worker skip that wait when no other
 caller is active: a lone request never pays for company that cannot come. Decoding,
 post-processing and encoding stay in the request threads and overlap with the model.
@@ -34,6 +36,7 @@ class Overloaded(RuntimeError):
 @dataclass(eq=False)  # identity semantics: jobs are removed from the queue by identity
 class _Job:
     tiles: np.ndarray
+    units: int  # what the job counts for against max_batch and max_queue
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -42,8 +45,9 @@ class MicroBatcher:
     """One worker thread that batches same-shape tile arrays for ``predict``."""
 
     def __init__(self, predict: PredictFn, max_batch: int = 8, max_wait_ms: float = 2.0, max_queue: int = 4096,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, float], None] | None = None, unit_pixels: int | None = None) -> None:
         self._predict = predict
+        self.unit_pixels = unit_pixels
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -77,16 +81,22 @@ class MicroBatcher:
         return self.submit(tiles).result()
 
     def submit(self, tiles: np.ndarray) -> Future:
-        job = _Job(np.ascontiguousarray(tiles))
+        job = _Job(np.ascontiguousarray(tiles), self.units(tiles))
         with self._cond:
             if self._closed:
                 raise Overloaded("the server is shutting down")
-            if self._queued_tiles + len(tiles) > self.max_queue and self._queued_tiles > 0:
+            if self._queued_tiles + job.units > self.max_queue and self._queued_tiles > 0:
                 raise Overloaded(f"{self._queued_tiles} tiles already queued (limit {self.max_queue})")
             self._jobs.append(job)
-            self._queued_tiles += len(tiles)
+            self._queued_tiles += job.units
             self._cond.notify()
         return job.future
+
+    def units(self, tiles: np.ndarray) -> int:
+        """How many tiles ``tiles`` count for: their number, or their pixels in ``unit_pixels`` (at least 1)."""
+        if self.unit_pixels is None:
+            return len(tiles)
+        return max(1, -(-len(tiles) * tiles.shape[1] * tiles.shape[2] // self.unit_pixels))
 
     def close(self) -> None:
         with self._cond:
@@ -102,16 +112,16 @@ class MicroBatcher:
             if not self._jobs:
                 return None
             first = self._jobs.popleft()
-            batch, count = [first], len(first.tiles)
+            batch, count = [first], first.units
             deadline = time.perf_counter() + self.max_wait
             shape = first.tiles.shape[1:]
             while count < self.max_batch:
                 match = next((j for j in self._jobs if j.tiles.shape[1:] == shape
-                              and count + len(j.tiles) <= self.max_batch), None)
+                              and count + j.units <= self.max_batch), None)
                 if match is not None:
                     self._jobs.remove(match)
                     batch.append(match)
-                    count += len(match.tiles)
+                    count += match.units
                     continue
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0 or self._closed or self._alone(batch):

@@ -11,6 +11,9 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.tiling import GRID
+
+
 def default_model_dir() -> Path:
     """The model shipped with the repository: beside the source tree, else ``./models/default``.
 
@@ -37,10 +40,16 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(50 * 1024 * 1024, ge=1, description="Largest accepted upload, in bytes.")
     max_pixels: int = Field(50_000_000, ge=1, description="Largest accepted image, in pixels (declared size).")
     max_batch_files: int = Field(64, ge=1, description="Most files accepted by /segment/batch.")
-    tile_batch_size: int = Field(8, ge=1, description="Tiles one request hands to the model at a time; bounds memory.")
-    batch_max_size: int = Field(8, ge=1, description="Most tiles in one model call (dynamic batching).")
+    tile_batch_size: int = Field(8, ge=1, description="Pixels one request hands to the model at a time, in tiles "
+                                 "of the model's input size; bounds memory.")
+    max_tile_size: int = Field(512, ge=2 * GRID, multiple_of=GRID,
+                               description="Largest tile side (px, a multiple of 32). Tiles are sized to the image "
+                               "up to it, so less is computed twice in overlaps; the batch shrinks to the same pixels.")
+    batch_max_size: int = Field(8, ge=1, description="Most tiles in one model call (dynamic batching), counted in "
+                                "tiles of the model's input size.")
     batch_max_wait_ms: float = Field(2.0, ge=0, description="How long a model call waits for more tiles to batch.")
-    max_queue_tiles: int = Field(256, ge=1, description="Tiles allowed to wait for the model; beyond it, 503.")
+    max_queue_tiles: int = Field(256, ge=1, description="Tiles (of the model's input size) allowed to wait for the "
+                                 "model; beyond it, 503.")
     request_timeout_s: float = Field(120.0, gt=0, description="Per-request time limit; beyond it, 504 and the work is dropped.")
     # Measured (docs/threads.md): one op at a time using every core beats TensorFlow's default.
     tf_intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 0, ge=0,

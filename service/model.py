@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service.postprocess import PostprocessParams
+from service.tiling import GRID
 
 if TYPE_CHECKING:
     from service.batching import MicroBatcher
@@ -75,6 +76,13 @@ class SegmentationModel:
         self._fn = fn
         self._lock = threading.Lock()
         self.batcher: MicroBatcher | None = None
+        #: The network takes only ``image_size`` squares (resize-mode exports); else any multiple of ``GRID``.
+        self.fixed_input = spec.inference == "resize" if fn is None else _signature_is_fixed(fn)
+
+    def tile_limits(self, max_tile: int) -> tuple[int, int]:
+        """(largest tile side, grid the side is rounded to) that this network accepts for ``max_tile``."""
+        size = self.spec.image_size
+        return (size, size) if self.fixed_input else (max_tile, GRID)
 
     @classmethod
     def load(cls, model_dir: Path | str) -> "SegmentationModel":
@@ -151,3 +159,11 @@ class SegmentationModel:
         size = self.spec.image_size
         for _ in range(repeats):
             self.predict_now(np.zeros((1, size, size, 3), np.uint8))
+
+
+def _signature_is_fixed(fn: Any) -> bool:
+    """Whether the serving signature declares the image height (a fixed input size) or leaves it open."""
+    try:
+        return fn.structured_input_signature[1]["images"].shape[1] is not None
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return True  # unknown: the model's own input size is always safe

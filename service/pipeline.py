@@ -16,7 +16,7 @@ import numpy as np
 from service.model import SegmentationModel
 from service.normalise import normalise
 from service.postprocess import PostprocessParams, instances_from_probabilities, median_diameter
-from service.tiling import predict_tiled
+from service.tiling import GRID, predict_tiled
 
 #: Scale factors applied to reach the canonical nucleus size are kept within these bounds
 #: (upscaling costs time quadratically; beyond 4x down, nuclei are bigger than any training crop).
@@ -39,9 +39,15 @@ class SegmentOptions:
     tiling: bool | None = None  # True: native-resolution tiles; False: resize to the model input (reference)
     tta: bool = False  # average predictions over flips (4x the model cost)
     min_size: int | None = None  # drop nuclei smaller than this many pixels
-    tile_batch_size: int = 8
+    tile_batch_size: int = 8  # pixels per model call: this many tiles of the model's input size
+    max_tile_size: int = 512  # largest tile side; tiles are sized to the image up to it
     auto_scale: bool = True  # rescale to the canonical nucleus size (tile mode, when the model has one)
     deadline: float | None = None  # time.monotonic() after which the work is abandoned
+
+    def __post_init__(self) -> None:
+        if self.max_tile_size < 2 * GRID or self.max_tile_size % GRID:
+            raise ValueError(f"max_tile_size must be a multiple of {GRID} of at least {2 * GRID}, "
+                             f"not {self.max_tile_size}")
 
 
 class DeadlineExceeded(TimeoutError):
@@ -121,15 +127,18 @@ def probabilities_at(image: np.ndarray, model: SegmentationModel, size: tuple[in
                      options: SegmentOptions, tiled: bool = True) -> np.ndarray:
     """Class probabilities at the image's own size, computed with the image resized to ``size``.
 
-    ``size`` None keeps native resolution. ``tiled`` runs overlapping tiles of the model's input
-    size (memory bounded by the tile batch); otherwise the model sees the resized image whole.
+    ``size`` None keeps native resolution. ``tiled`` runs overlapping tiles sized to the image, up to
+    ``options.max_tile_size`` (memory bounded by the pixels per call); otherwise the model sees the
+    resized image whole.
     """
     height, width = image.shape[:2]
     work = image if size is None or size == (height, width) else resize(image, size)
     predict = predictor(model, options)
     if tiled:
-        probs = predict_tiled(work, predict, model.spec.image_size, model.spec.tile_overlap,
-                              options.tile_batch_size, model.spec.num_classes)
+        max_tile, multiple = model.tile_limits(options.max_tile_size)
+        batch_pixels = options.tile_batch_size * model.spec.image_size ** 2
+        probs = predict_tiled(work, predict, max_tile, model.spec.tile_overlap, batch_pixels,
+                              model.spec.num_classes, multiple)
     else:
         probs = predict(work[None])[0]
     if probs.shape[:2] != (height, width):

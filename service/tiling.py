@@ -13,7 +13,9 @@ from collections.abc import Callable
 import numpy as np
 
 PredictFn = Callable[[np.ndarray], np.ndarray]  # (N, T, T, 3) uint8 -> (N, T, T, C) float32
-#: Padding a very elongated image (1 x 50,000,000) to the network's 32-pixel granularity would
+#: The network's input sides must be multiples of this (five stride-2 stages in the encoder).
+GRID = 32
+#: Padding a very elongated image (1 x 50,000,000) to the network's ``GRID`` would
 #: multiply its area; beyond this many padded pixels the image is refused instead.
 MAX_PADDED_PIXELS = 64_000_000
 
@@ -31,6 +33,25 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [int(round(i * (length - tile) / (count - 1))) for i in range(count)]
 
 
+def tile_side(length: int, max_tile: int, overlap: int, multiple: int = GRID) -> int:
+    """Side of the tiles along one axis: the fewest tiles of at most ``max_tile`` that cover ``length``.
+
+    Fixed tiles of the model's input size make the network process up to 2.4x an image's own pixels
+    (a 300-pixel side needs two 256-pixel tiles, a 500-pixel side three); tiles sized to the image,
+    overlapping by ``overlap`` and rounded up to the network's ``multiple``, waste only that margin.
+    """
+    if max_tile < _round_up(overlap + 1, multiple):
+        raise ValueError(f"tiles of at most {max_tile} px cannot overlap by {overlap} px on a {multiple}-px grid")
+    if length <= max_tile:
+        return min(max_tile, _round_up(length, multiple))
+    count = max(2, int(np.ceil((length - overlap) / (max_tile - overlap))))
+    while True:
+        side = _round_up(int(np.ceil((length + (count - 1) * overlap) / count)), multiple)
+        if side <= max_tile:
+            return side
+        count += 1
+
+
 def blend_ramp(length: int, overlap: int) -> np.ndarray:
     """1D weight: 1 in the middle, rising smoothly (cosine) from near 0 over ``overlap`` pixels at each end."""
     overlap = min(overlap, length // 2)
@@ -42,15 +63,18 @@ def blend_ramp(length: int, overlap: int) -> np.ndarray:
     return ramp
 
 
-def predict_tiled(image: np.ndarray, predict: PredictFn, tile: int, overlap: int, batch_size: int,
-                  num_classes: int, multiple: int = 32) -> np.ndarray:
+def predict_tiled(image: np.ndarray, predict: PredictFn, max_tile: int, overlap: int, batch_pixels: int,
+                  num_classes: int, multiple: int = GRID) -> np.ndarray:
     """Class probabilities ``(H, W, C)`` of an ``(H, W, 3) uint8`` image, tile by tile.
 
-    Images smaller than a tile are padded (to a multiple of ``multiple``), never stretched.
+    Tiles are at most ``max_tile`` on a side and sized to the image (:func:`tile_side`); each model
+    call gets as many tiles as fit in ``batch_pixels`` (at least one), so memory per call stays
+    bounded whatever the tile size. Images smaller than a tile are padded (to a multiple of
+    ``multiple``), never stretched.
     """
     height, width = image.shape[:2]
-    tile_h = min(tile, _round_up(height, multiple))
-    tile_w = min(tile, _round_up(width, multiple))
+    tile_h = tile_side(height, max_tile, overlap, multiple)
+    tile_w = tile_side(width, max_tile, overlap, multiple)
     ph, pw = max(height, tile_h), max(width, tile_w)
     if ph * pw > MAX_PADDED_PIXELS:
         raise ImageShapeError(
@@ -61,6 +85,7 @@ def predict_tiled(image: np.ndarray, predict: PredictFn, tile: int, overlap: int
     total = np.zeros((ph, pw, num_classes), dtype=np.float32)
     weight = np.zeros((ph, pw), dtype=np.float32)
     positions = [(t, l) for t in tile_starts(ph, tile_h, overlap) for l in tile_starts(pw, tile_w, overlap)]
+    batch_size = max(1, batch_pixels // (tile_h * tile_w))
     for start in range(0, len(positions), batch_size):
         chunk = positions[start:start + batch_size]
         batch = np.stack([padded[t:t + tile_h, l:l + tile_w] for t, l in chunk])

@@ -141,3 +141,46 @@ def test_declared_callers_still_share_batches():
         assert max(model.batches) > 1
     finally:
         batcher.close()
+
+
+def test_with_unit_pixels_large_tiles_count_for_their_pixels():
+    shapes: list[tuple[int, int]] = []
+
+    def model(tiles: np.ndarray) -> np.ndarray:
+        shapes.append((len(tiles), tiles.shape[1]))
+        time.sleep(0.05)
+        return tiles.astype(np.float32)
+
+    batcher = MicroBatcher(model, max_batch=8, max_wait_ms=100, unit_pixels=16)
+    try:
+        assert batcher.units(np.zeros((2, 8, 8, 3), np.uint8)) == 8  # 2 tiles of 4 units each
+        assert batcher.units(np.zeros((1, 2, 2, 3), np.uint8)) == 1  # a small tile still counts as one
+        big = [np.zeros((2, 8, 8, 3), np.uint8) for _ in range(3)]  # 8 units each: a call to itself
+        small = [np.zeros((1, 4, 4, 3), np.uint8) for _ in range(8)]  # 1 unit each: calls are shared
+        with ThreadPoolExecutor(11) as pool:
+            list(pool.map(batcher.predict, big + small))
+        assert [n for n, side in shapes if side == 8] == [2, 2, 2]
+        assert sum(n for n, side in shapes if side == 4) == 8 and max(n for n, side in shapes if side == 4) > 1
+    finally:
+        batcher.close()
+
+
+def test_with_unit_pixels_the_queue_bound_counts_pixels():
+    gate = threading.Event()
+
+    def slow(tiles):
+        gate.wait(5)
+        return tiles.astype(np.float32)
+
+    batcher = MicroBatcher(slow, max_batch=1, max_wait_ms=0, max_queue=8, unit_pixels=16)
+    try:
+        running = batcher.submit(np.zeros((1, 4, 4, 3), np.uint8))
+        time.sleep(0.05)  # the worker has taken the first job and is blocked
+        queued = batcher.submit(np.zeros((2, 8, 8, 3), np.uint8))  # 8 units: the queue is full
+        with pytest.raises(Overloaded):
+            batcher.submit(np.zeros((1, 4, 4, 3), np.uint8))
+        gate.set()
+        assert running.result(5).shape == (1, 4, 4, 3) and queued.result(5).shape == (2, 8, 8, 3)
+    finally:
+        gate.set()
+        batcher.close()

@@ -66,8 +66,8 @@ def test_large_nuclei_are_sized_from_the_coarse_look_without_a_native_pass():
     model = DiskModel()
     image = disks(60, 4)
     segment(image, model)
-    coarse_side = round(image.shape[0] * COARSE_SCALE)
-    assert model.calls[0][1:3] == (64, 64) and coarse_side > 64  # the first look is the coarse one
+    coarse_side = round(image.shape[0] * COARSE_SCALE)  # 240 px, one tile on the 32-px grid
+    assert model.calls[0][1:3] == (256, 256)  # the first look is the coarse one, not the 480-px image
     # the coarse look plus the pass at the final scale cost fewer model pixels than the image has,
     # so no native-resolution pass (which needs at least that many) was run
     processed = sum(n * h * w for n, h, w, _ in model.calls)

@@ -186,9 +186,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tta", action="store_true", help="test-time flips")
     parser.add_argument("--no-auto-scale", action="store_true", help="skip rescaling to the canonical nucleus size")
     parser.add_argument("--tune", action="store_true", help="tune thresholds on validation first")
+    parser.add_argument("--max-tile-size", type=int, default=SegmentOptions.max_tile_size,
+                        help=f"largest tile side, as the service's NUCLEI_MAX_TILE_SIZE (default "
+                             f"{SegmentOptions.max_tile_size})")
     args = parser.parse_args(argv)
     out = args.out or args.model.parent / "evaluation"
-    options = SegmentOptions(tiling=args.tiling, tta=args.tta, auto_scale=not args.no_auto_scale)
+    try:
+        options = SegmentOptions(tiling=args.tiling, tta=args.tta, auto_scale=not args.no_auto_scale,
+                                 max_tile_size=args.max_tile_size)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         if args.tune:
             tune_thresholds(args.model, args.data)
