@@ -67,11 +67,12 @@ def predict_tiled(image: np.ndarray, predict: PredictFn, max_tile: int, overlap:
                   num_classes: int, multiple: int = GRID) -> np.ndarray:
     """Class probabilities ``(H, W, C)`` of an ``(H, W, 3) uint8`` image, tile by tile.
 
-    Tiles are at most ``max_tile`` on a side and sized to the image (:func:`tile_side`); each model
-    call gets as many tiles as fit in ``batch_pixels`` (at least one), so memory per call stays
-    bounded whatever the tile size. Images smaller than a tile are padded (to a multiple of
-    ``multiple``), never stretched.
+    Tiles are sized to the image (:func:`tile_side`), at most ``max_tile`` on a side and never more
+    than ``batch_pixels`` in all; each model call gets as many tiles as fit in ``batch_pixels``, so
+    memory per call stays bounded whatever the tile size. Images smaller than a tile are padded
+    (to a multiple of ``multiple``), never stretched.
     """
+    max_tile = min(max_tile, max(multiple, int(np.sqrt(batch_pixels)) // multiple * multiple))
     height, width = image.shape[:2]
     tile_h = tile_side(height, max_tile, overlap, multiple)
     tile_w = tile_side(width, max_tile, overlap, multiple)

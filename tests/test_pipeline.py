@@ -66,8 +66,9 @@ def test_large_nuclei_are_sized_from_the_coarse_look_without_a_native_pass():
     model = DiskModel()
     image = disks(60, 4)
     segment(image, model)
-    coarse_side = round(image.shape[0] * COARSE_SCALE)  # 240 px, one tile on the 32-px grid
-    assert model.calls[0][1:3] == (256, 256)  # the first look is the coarse one, not the 480-px image
+    # the first look is the coarse one: 240 px in 2x2 tiles of 128 px (the stand-in's budget of 8 tiles of 64 px
+    # allows tiles up to 160 px, which a native pass over the 480-px image would use)
+    assert round(image.shape[0] * COARSE_SCALE) == 240 and model.calls[0][1:3] == (128, 128)
     # the coarse look plus the pass at the final scale cost fewer model pixels than the image has,
     # so no native-resolution pass (which needs at least that many) was run
     processed = sum(n * h * w for n, h, w, _ in model.calls)

@@ -34,7 +34,14 @@ def test_tiled_prediction_equals_the_pixelwise_function_everywhere(height: int, 
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     for n, h, w, _ in calls:  # tiles within the limit, on the 32-pixel grid, batches within the pixel budget
         assert h <= max_tile and w <= max_tile and h % 32 == 0 and w % 32 == 0
-        assert n == 1 or n * h * w <= 8 * 256 * 256
+        assert n * h * w <= 8 * 256 * 256
+
+
+def test_no_tile_holds_more_pixels_than_one_model_call_may():
+    calls: list[tuple[int, ...]] = []
+    budget = 8 * 64 * 64  # a model trained on 64-px crops: at most 181 px a side
+    predict_tiled(np.zeros((1000, 700, 3), np.uint8), coordinates_model(calls), 512, 32, budget, 3)
+    assert all(n * h * w <= budget and h <= 160 and w <= 160 for n, h, w, _ in calls)
 
 
 @pytest.mark.parametrize("length", [1, 31, 256, 300, 500, 1000, 1040, 1388, 4000, 5_000_000])
