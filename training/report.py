@@ -21,7 +21,7 @@ from PIL import Image
 
 from service.encode import overlay_png
 from service.model import SegmentationModel
-from service.pipeline import segment
+from service.pipeline import SegmentOptions, segment
 from service.postprocess import PostprocessParams
 from training.config import TrainConfig
 from training.data import list_sample_dirs, load_sample
@@ -170,8 +170,9 @@ time over the validation images on the 2-core machine, during the evaluation run
   {sampling_note(cfg)}; per-image
   percentile intensity stretch shared by training and serving. Precision:
   {cfg.precision} during training; the exported network computes in float32.
-- Inference: the image is stretched, run in overlapping {cfg.image_size}x{cfg.image_size}
-  tiles with cosine blending. Its median nucleus size is measured first from a look at half
+- Inference: the image is stretched, run in overlapping tiles sized to the image (sides at most
+  {SegmentOptions.max_tile_size} px, `NUCLEI_MAX_TILE_SIZE`; training saw {cfg.image_size}x{cfg.image_size}
+  crops) with cosine blending. Its median nucleus size is measured first from a look at half
   scale (kept when the nuclei there are still at least 3/4 of the canonical size, i.e. large),
   else from a native pass; when it is off the canonical size, the image is rescaled and run
   again (at most twice); a watershed seeded by
