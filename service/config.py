@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.tiling import GRID
+from service.tiling import DEFAULT_MAX_TILE, GRID
 
 
 def default_model_dir() -> Path:
@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(64, ge=1, description="Most files accepted by /segment/batch.")
     tile_batch_size: int = Field(8, ge=1, description="Pixels one request hands to the model at a time, in tiles "
                                  "of the model's input size; bounds memory.")
-    max_tile_size: int = Field(512, ge=2 * GRID, multiple_of=GRID,
+    max_tile_size: int = Field(DEFAULT_MAX_TILE, ge=2 * GRID, multiple_of=GRID,
                                description="Largest tile side (px, a multiple of 32). Tiles are sized to the image "
                                "up to it, so less is computed twice in overlaps; the batch shrinks to the same pixels.")
     batch_max_size: int = Field(8, ge=1, description="Most tiles in one model call (dynamic batching), counted in "

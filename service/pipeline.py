@@ -16,7 +16,7 @@ import numpy as np
 from service.model import SegmentationModel
 from service.normalise import normalise
 from service.postprocess import PostprocessParams, instances_from_probabilities, median_diameter
-from service.tiling import GRID, predict_tiled
+from service.tiling import DEFAULT_MAX_TILE, GRID, predict_tiled
 
 #: Scale factors applied to reach the canonical nucleus size are kept within these bounds
 #: (upscaling costs time quadratically; beyond 4x down, nuclei are bigger than any training crop).
@@ -40,7 +40,7 @@ class SegmentOptions:
     tta: bool = False  # average predictions over flips (4x the model cost)
     min_size: int | None = None  # drop nuclei smaller than this many pixels
     tile_batch_size: int = 8  # pixels per model call: this many tiles of the model's input size
-    max_tile_size: int = 512  # largest tile side; tiles are sized to the image up to it
+    max_tile_size: int = DEFAULT_MAX_TILE  # largest tile side; tiles are sized to the image up to it
     auto_scale: bool = True  # rescale to the canonical nucleus size (tile mode, when the model has one)
     deadline: float | None = None  # time.monotonic() after which the work is abandoned
 

@@ -15,6 +15,8 @@ import numpy as np
 PredictFn = Callable[[np.ndarray], np.ndarray]  # (N, T, T, 3) uint8 -> (N, T, T, C) float32
 #: The network's input sides must be multiples of this (five stride-2 stages in the encoder).
 GRID = 32
+#: Default largest tile side: 0.75x the time of fixed 256-px tiles for a 1 MP image (docs/tiles.md).
+DEFAULT_MAX_TILE = 512
 #: Padding a very elongated image (1 x 50,000,000) to the network's ``GRID`` would
 #: multiply its area; beyond this many padded pixels the image is refused instead.
 MAX_PADDED_PIXELS = 64_000_000
