@@ -14,14 +14,13 @@ requests (real 256x256 DSB2018 images, and 0.25 / 1 / 4 MP images made from one)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
-
-import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -41,7 +40,8 @@ def tile_rule(sized: bool) -> Iterator[None]:
 
     rule = tiling.tile_side
     if not sized:
-        tiling.tile_side = lambda length, max_tile, overlap, multiple=32: min(max_tile, -(-length // multiple) * multiple)
+        tiling.tile_side = lambda length, max_tile, overlap, multiple=tiling.GRID: min(
+            max_tile, tiling._round_up(length, multiple))
     try:
         yield
     finally:
@@ -58,7 +58,7 @@ def network_seconds_per_mp(model, sides=TILE_SIDES, repeats: int = 5) -> dict[in
     """
     from service.pipeline import SegmentOptions
 
-    budget = SegmentOptions.tile_batch_size * model.spec.image_size ** 2
+    budget = SegmentOptions.tile_batch_size * model.spec.tile_pixels
     rng = np.random.default_rng(0)
     result = {}
     for side in sides:

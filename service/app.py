@@ -78,7 +78,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(model.warm)
     batcher = MicroBatcher(model.predict_now, settings.batch_max_size, settings.batch_max_wait_ms,
                            settings.max_queue_tiles, on_batch=app.state.metrics.observe_batch,
-                           unit_pixels=model.spec.image_size ** 2)
+                           unit_pixels=model.spec.tile_pixels)
     model.attach_batcher(batcher)
     app.state.ready = True
     log.info("model %s loaded and warmed", model.model_dir)

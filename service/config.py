@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.tiling import DEFAULT_MAX_TILE, GRID
+from service.tiling import DEFAULT_MAX_TILE, check_max_tile
 
 
 def default_model_dir() -> Path:
@@ -42,8 +42,7 @@ class Settings(BaseSettings):
     max_batch_files: int = Field(64, ge=1, description="Most files accepted by /segment/batch.")
     tile_batch_size: int = Field(8, ge=1, description="Pixels one request hands to the model at a time, in tiles "
                                  "of the model's input size; bounds memory.")
-    max_tile_size: int = Field(DEFAULT_MAX_TILE, ge=2 * GRID, multiple_of=GRID,
-                               description="Largest tile side (px, a multiple of 32). Tiles are sized to the image "
+    max_tile_size: int = Field(DEFAULT_MAX_TILE, description="Largest tile side (px, a multiple of 32). Tiles are sized to the image "
                                "up to it, so less is computed twice in overlaps; the batch shrinks to the same pixels.")
     batch_max_size: int = Field(8, ge=1, description="Most tiles in one model call (dynamic batching), counted in "
                                 "tiles of the model's input size.")
@@ -58,6 +57,11 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="If set, /segment* require 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins (none: CORS off).")
     log_level: str = Field("info", description="Uvicorn log level.")
+
+    @field_validator("max_tile_size")
+    @classmethod
+    def _max_tile_on_the_grid(cls, side: int) -> int:
+        return check_max_tile(side)
 
 
 def get_settings() -> Settings:

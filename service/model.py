@@ -45,6 +45,11 @@ class ModelSpec:
     postprocess: PostprocessParams
     metadata: dict[str, Any] = field(repr=False)
 
+    @property
+    def tile_pixels(self) -> int:
+        """Pixels of one tile of the model's input size: the unit of the per-call and queue budgets."""
+        return self.image_size ** 2
+
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any]) -> "ModelSpec":
         if metadata.get("format_version") != SUPPORTED_FORMAT:

@@ -16,7 +16,7 @@ import numpy as np
 from service.model import SegmentationModel
 from service.normalise import normalise
 from service.postprocess import PostprocessParams, instances_from_probabilities, median_diameter
-from service.tiling import DEFAULT_MAX_TILE, GRID, predict_tiled
+from service.tiling import DEFAULT_MAX_TILE, check_max_tile, predict_tiled
 
 #: Scale factors applied to reach the canonical nucleus size are kept within these bounds
 #: (upscaling costs time quadratically; beyond 4x down, nuclei are bigger than any training crop).
@@ -45,9 +45,7 @@ class SegmentOptions:
     deadline: float | None = None  # time.monotonic() after which the work is abandoned
 
     def __post_init__(self) -> None:
-        if self.max_tile_size < 2 * GRID or self.max_tile_size % GRID:
-            raise ValueError(f"max_tile_size must be a multiple of {GRID} of at least {2 * GRID}, "
-                             f"not {self.max_tile_size}")
+        check_max_tile(self.max_tile_size)
 
 
 class DeadlineExceeded(TimeoutError):
@@ -136,7 +134,7 @@ def probabilities_at(image: np.ndarray, model: SegmentationModel, size: tuple[in
     predict = predictor(model, options)
     if tiled:
         max_tile, multiple = model.tile_limits(options.max_tile_size)
-        batch_pixels = options.tile_batch_size * model.spec.image_size ** 2
+        batch_pixels = options.tile_batch_size * model.spec.tile_pixels
         probs = predict_tiled(work, predict, max_tile, model.spec.tile_overlap, batch_pixels,
                               model.spec.num_classes, multiple)
     else:

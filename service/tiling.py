@@ -22,6 +22,13 @@ DEFAULT_MAX_TILE = 512
 MAX_PADDED_PIXELS = 64_000_000
 
 
+def check_max_tile(side: int) -> int:
+    """``side`` if it can be a largest tile side (on the network's grid, room for an overlap), else ValueError."""
+    if side < 2 * GRID or side % GRID:
+        raise ValueError(f"max_tile_size must be a multiple of {GRID} of at least {2 * GRID}, not {side}")
+    return side
+
+
 class ImageShapeError(ValueError):
     """The image cannot be tiled within the memory bound (e.g. absurdly elongated)."""
 

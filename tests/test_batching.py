@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -51,26 +53,36 @@ def test_different_tile_shapes_are_never_mixed():
         batcher.close()
 
 
-def test_full_queue_refuses_at_once():
+@contextmanager
+def blocked_batcher(first: np.ndarray, **options) -> Iterator[tuple[MicroBatcher, Future, threading.Event]]:
+    """A one-tile-per-call batcher whose model blocks on a gate, with ``first`` already taken by the worker.
+
+    Yields (batcher, the running job, the gate); whatever the test does, the gate opens and the batcher closes.
+    """
     gate = threading.Event()
 
     def slow(tiles):
         gate.wait(5)
         return tiles.astype(np.float32)
 
-    batcher = MicroBatcher(slow, max_batch=1, max_wait_ms=0, max_queue=2)
+    batcher = MicroBatcher(slow, max_batch=1, max_wait_ms=0, **options)
     try:
-        running = batcher.submit(np.zeros((1, 2, 2, 3), np.uint8))
+        running = batcher.submit(first)
         time.sleep(0.05)  # the worker has taken the first job and is blocked
+        yield batcher, running, gate
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_full_queue_refuses_at_once():
+    with blocked_batcher(np.zeros((1, 2, 2, 3), np.uint8), max_queue=2) as (batcher, running, gate):
         queued = [batcher.submit(np.zeros((1, 2, 2, 3), np.uint8)) for _ in range(2)]
         with pytest.raises(Overloaded):
             batcher.submit(np.zeros((1, 2, 2, 3), np.uint8))
         gate.set()
         assert running.result(5).shape == (1, 2, 2, 3)
         assert all(f.result(5) is not None for f in queued)
-    finally:
-        gate.set()
-        batcher.close()
 
 
 def test_model_errors_reach_the_caller_and_the_worker_survives():
@@ -166,21 +178,10 @@ def test_with_unit_pixels_large_tiles_count_for_their_pixels():
 
 
 def test_with_unit_pixels_the_queue_bound_counts_pixels():
-    gate = threading.Event()
-
-    def slow(tiles):
-        gate.wait(5)
-        return tiles.astype(np.float32)
-
-    batcher = MicroBatcher(slow, max_batch=1, max_wait_ms=0, max_queue=8, unit_pixels=16)
-    try:
-        running = batcher.submit(np.zeros((1, 4, 4, 3), np.uint8))
-        time.sleep(0.05)  # the worker has taken the first job and is blocked
+    first = np.zeros((1, 4, 4, 3), np.uint8)
+    with blocked_batcher(first, max_queue=8, unit_pixels=16) as (batcher, running, gate):
         queued = batcher.submit(np.zeros((2, 8, 8, 3), np.uint8))  # 8 units: the queue is full
         with pytest.raises(Overloaded):
             batcher.submit(np.zeros((1, 4, 4, 3), np.uint8))
         gate.set()
         assert running.result(5).shape == (1, 4, 4, 3) and queued.result(5).shape == (2, 8, 8, 3)
-    finally:
-        gate.set()
-        batcher.close()
