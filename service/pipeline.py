@@ -15,7 +15,8 @@ import numpy as np
 
 from service.model import SegmentationModel
 from service.normalise import normalise
-from service.postprocess import PostprocessParams, instances_from_probabilities, median_diameter
+from service.postprocess import (RAY_START, PostprocessParams, flipped_ray_order, has_rays,
+                                 instances_from_probabilities, median_diameter)
 from service.tiling import DEFAULT_MAX_TILE, check_max_tile, predict_tiled
 
 #: Scale factors applied to reach the canonical nucleus size are kept within these bounds
@@ -74,7 +75,8 @@ def segment(image: np.ndarray, model: SegmentationModel, options: SegmentOptions
     if not (options.auto_scale and spec.canonical_diameter):
         probs = probabilities_at(image, model, None, options)
         return Segmentation(instances_from_probabilities(probs, params), 1.0, probs)
-    scale, probs, labels = first_pass(image, model, options, params)
+    sizing = replace(params, instances="watershed")  # sizes need nuclei, not their exact shapes: the cheap decoding
+    scale, probs, labels = first_pass(image, model, options, sizing)
     upper = max(1.0, min(SCALE_LIMITS[1], (MAX_UPSCALED_PIXELS / image.shape[0] / image.shape[1]) ** 0.5))
     for _ in range(2):  # a far-off first estimate is refined once more
         proposed = rescale_factor(labels, spec.canonical_diameter)  # labels are at native size
@@ -82,10 +84,12 @@ def segment(image: np.ndarray, model: SegmentationModel, options: SegmentOptions
         if SCALE_TOLERANCE[0] <= proposed / scale <= SCALE_TOLERANCE[1]:
             break
         new_probs = probabilities_at(image, model, scaled_size(image, proposed), options)
-        new_labels = instances_from_probabilities(new_probs, params)
+        new_labels = instances_from_probabilities(new_probs, sizing)
         if np.count_nonzero(new_labels) < 0.5 * np.count_nonzero(labels):
             break  # the rescaled view lost most of the nuclei: the size estimate was wrong
         scale, probs, labels = proposed, new_probs, new_labels
+    if params != sizing:  # StarDist polygons: decoded once, from the pass that is kept
+        labels = instances_from_probabilities(probs, params)
     return Segmentation(labels, scale, probs)
 
 
@@ -140,7 +144,10 @@ def probabilities_at(image: np.ndarray, model: SegmentationModel, size: tuple[in
     else:
         probs = predict(work[None])[0]
     if probs.shape[:2] != (height, width):
+        factor = (height / probs.shape[0] + width / probs.shape[1]) / 2.0
         probs = resize(probs, (height, width))
+        if has_rays(probs):
+            probs[..., RAY_START:] *= factor  # ray lengths are in the pixels of the image the model saw
     return probs
 
 
@@ -162,7 +169,11 @@ def predict_flips(model: SegmentationModel, batch: np.ndarray) -> np.ndarray:
     """Test-time augmentation: mean probabilities over identity and horizontal/vertical flips."""
     total = model.predict(batch)
     for axes in ((2,), (1,), (1, 2)):
-        total += np.flip(model.predict(np.ascontiguousarray(np.flip(batch, axes))), axes)
+        probs = np.flip(model.predict(np.ascontiguousarray(np.flip(batch, axes))), axes)
+        if has_rays(probs):  # a flipped image's rays point the other way
+            order = flipped_ray_order(probs.shape[-1] - RAY_START, tuple(a - 1 for a in axes))
+            probs = np.concatenate([probs[..., :RAY_START], probs[..., RAY_START:][..., order]], axis=-1)
+        total += probs
     return total / 4.0
 
 

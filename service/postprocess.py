@@ -23,12 +23,49 @@ class PostprocessParams:
     seed_threshold: float = 0.5  # P(interior), or the distance output where present, above this seeds a nucleus
     min_size: int = 10  # nuclei (and seeds) smaller than this many pixels are dropped
     seed_sigma: float = 0.0  # Gaussian smoothing (px) of P(interior) before seeding: fewer spurious splits
+    instances: str = "watershed"  # with StarDist rays: "polygons", or "polygons_in_foreground" (see below)
+    candidate_threshold: float = 0.5  # StarDist: pixels whose distance output exceeds this propose a polygon
+    nms_threshold: float = 0.4  # StarDist polygons overlapping an accepted one by more IoU than this are dropped
+
+    def __post_init__(self) -> None:
+        if self.instances not in INSTANCE_DECODERS:
+            raise ValueError(f"instances must be one of {INSTANCE_DECODERS}, not {self.instances!r}")
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "PostprocessParams":
         data = data or {}
-        names = ("foreground_threshold", "seed_threshold", "min_size", "seed_sigma")
+        names = ("foreground_threshold", "seed_threshold", "min_size", "seed_sigma", "instances",
+                 "candidate_threshold", "nms_threshold")
         return cls(**{k: data[k] for k in names if k in data})
+
+
+#: How instances are decoded: a seeded watershed, or StarDist's polygons (models with rays only),
+#: alone or as the markers of a watershed over the class foreground (polygon identity, pixel-exact extent).
+INSTANCE_DECODERS = ("watershed", "polygons", "polygons_in_foreground")
+#: Output channel where StarDist's ray distances start: after the 3 classes and the distance output.
+RAY_START = 4
+#: Candidate polygons are proposed from every second pixel in each direction (as StarDist's grid (2, 2)).
+RAY_GRID = 2
+
+
+def has_rays(probs: np.ndarray) -> bool:
+    """Whether the model output ``(..., C)`` holds StarDist ray distances (channels from ``RAY_START``)."""
+    return probs.shape[-1] > RAY_START
+
+
+def flipped_ray_order(rays: int, axes: tuple[int, ...]) -> np.ndarray:
+    """Channel order that turns the rays of a flipped image back into the original's.
+
+    Ray k points at angle phi = 2 pi k / rays, (row, column) = (sin phi, cos phi), as StarDist's
+    ``star_dist``: flipping rows maps phi to -phi, flipping columns maps it to pi - phi.
+    ``axes`` are image axes (0 rows, 1 columns).
+    """
+    order = np.arange(rays)
+    if 0 in axes:
+        order = (-order) % rays
+    if 1 in axes:
+        order = (rays // 2 - order) % rays
+    return order
 
 
 def instances_from_probabilities(probs: np.ndarray, params: PostprocessParams) -> np.ndarray:
@@ -39,8 +76,11 @@ def instances_from_probabilities(probs: np.ndarray, params: PostprocessParams) -
     separated by a predicted boundary become separate instances. A 4th channel (the distance
     output, each nucleus' normalised distance to its edge) replaces P(interior) as the seed map:
     its cores stay apart where interiors of touching nuclei run together. Smoothing the seed map
-    first (``seed_sigma``) keeps a one-pixel dip inside a nucleus from splitting it.
+    first (``seed_sigma``) keeps a one-pixel dip inside a nucleus from splitting it. A model with
+    StarDist rays may decode with polygons instead (``params.instances``, see ``instances_from_polygons``).
     """
+    if params.instances != "watershed" and has_rays(probs):
+        return instances_from_polygons(probs, params)
     foreground = (1.0 - probs[..., 0]) > params.foreground_threshold
     if probs.shape[-1] == 2:
         labels = connected_components(foreground, connectivity=1)
@@ -51,6 +91,30 @@ def instances_from_probabilities(probs: np.ndarray, params: PostprocessParams) -
         seeds = remove_small_objects(seed_map > params.seed_threshold, max_size=max(0, params.min_size // 4 - 1))
         seeds = connected_components(seeds, connectivity=1)
         labels = watershed(-seed_map, markers=seeds, mask=foreground)
+    return clean_labels(labels, params.min_size)
+
+
+def instances_from_polygons(probs: np.ndarray, params: PostprocessParams) -> np.ndarray:
+    """StarDist decoding: star-convex polygon proposals, non-maximum suppression, then rasterise.
+
+    Every pixel (on a ``RAY_GRID`` grid) whose distance output exceeds ``candidate_threshold`` proposes
+    the polygon its rays describe; proposals are accepted by score unless they overlap an accepted
+    one by more than ``nms_threshold`` IoU. Two touching nuclei stay apart when their centres
+    propose their own shapes, even with no visible boundary between them. With
+    ``polygons_in_foreground`` the polygons are only the markers of a watershed over the class
+    foreground, which gives each nucleus its predicted pixels rather than a 32-gon.
+    """
+    from stardist.geometry import polygons_to_label
+    from stardist.nms import non_maximum_suppression
+
+    score, rays = probs[..., RAY_START - 1], probs[..., RAY_START:]
+    points, scores, dists = non_maximum_suppression(
+        np.ascontiguousarray(rays[::RAY_GRID, ::RAY_GRID]), np.ascontiguousarray(score[::RAY_GRID, ::RAY_GRID]),
+        grid=(RAY_GRID, RAY_GRID), b=0, prob_thresh=params.candidate_threshold, nms_thresh=params.nms_threshold)
+    labels = polygons_to_label(dists, points, probs.shape[:2], prob=scores)
+    if params.instances == "polygons_in_foreground":
+        foreground = (1.0 - probs[..., 0]) > params.foreground_threshold
+        labels = watershed(-score, markers=np.where(foreground, labels, 0), mask=foreground)
     return clean_labels(labels, params.min_size)
 
 

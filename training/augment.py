@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from training.config import TrainConfig
-from training.targets import CLASS_OF_CODE, code_weights
+from training.targets import CLASS_OF_CODE, code_weights, star_rays
 
 
 def random_affine(image: tf.Tensor, target: tf.Tensor, config: TrainConfig, out_size: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -91,10 +91,11 @@ def augment(image: tf.Tensor, target: tf.Tensor, config: TrainConfig, out_size: 
 
 
 def with_weights(image: tf.Tensor, target: tf.Tensor, config: TrainConfig) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Target codes ``(H, W, 1|2)`` -> (image, class, per-pixel loss weight).
+    """Target codes ``(H, W, 1|2|4)`` -> (image, class, per-pixel loss weight).
 
     With the distance output, the class is ``(H, W, 2)`` float: class index and normalised distance
-    (see ``training.losses``). The thin, rare boundary class weighs ``boundary_weight``; where nuclei touch (codes
+    (see ``training.losses``), followed by the StarDist ray distances of the crop's labels when the
+    model has rays. The thin, rare boundary class weighs ``boundary_weight``; where nuclei touch (codes
     ``CONTACT`` and ``GAP``) the weight is multiplied by ``contact_weight``, and on small nuclei (codes
     above ``SMALL``) by ``small_weight`` (see ``training.targets.code_weights``).
     """
@@ -105,7 +106,12 @@ def with_weights(image: tf.Tensor, target: tf.Tensor, config: TrainConfig) -> tu
     if not config.distance_output:
         return image, classes, weights
     distance = tf.cast(target[..., 1], tf.float32) / 255.0
-    return image, tf.stack([tf.cast(classes, tf.float32), distance], axis=-1), weights
+    y = tf.stack([tf.cast(classes, tf.float32), distance], axis=-1)
+    if config.rays:  # StarDist rays of the augmented crop's own labels (channels 2 and 3)
+        rays = tf.numpy_function(lambda labels: star_rays(labels, config.rays), [target[..., 2:4]], tf.float32)
+        rays.set_shape([*target.shape[:2], config.rays])
+        y = tf.concat([y, rays], axis=-1)
+    return image, y, weights
 
 
 def resize_dataset(images: np.ndarray, targets: np.ndarray, config: TrainConfig, training: bool) -> tf.data.Dataset:

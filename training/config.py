@@ -57,6 +57,9 @@ class TrainConfig:
     # so the preset keeps 0
     distance_head: int = 0  # 3x3 conv blocks in a branch of its own for the distance output (0: it shares
     # the class logits' final layer); 1 (with weight 1, 30 epochs) scored 0.602 / AP@0.5 0.816, so the preset keeps 0
+    rays: int = 0  # >0 (needs the distance output): StarDist's star-convex shape, each nucleus pixel's distance
+    # to its nucleus' edge along this many equally spaced rays (linear outputs after the distance output)
+    ray_weight: float = 0.2  # loss weight of the rays' mean absolute error (px), weighted by the distance target
     precision: Literal["float32", "mixed_bfloat16"] = "float32"  # training only; the export is float32
     # augmentation
     rotation: float = 0.1  # fraction of a full turn, as keras.layers.RandomRotation
@@ -71,6 +74,10 @@ class TrainConfig:
     # post-processing defaults (thresholds are re-tuned on validation and stored in metadata)
     min_size: int = 10
 
+    def __post_init__(self) -> None:
+        if self.rays and not self.distance_output:
+            raise ValueError("rays need the distance output (distance_weight > 0): it is their object probability")
+
     @property
     def num_classes(self) -> int:
         return 2 if self.target == "mask" else 3
@@ -82,8 +89,8 @@ class TrainConfig:
 
     @property
     def output_channels(self) -> int:
-        """Class logits, plus one distance logit when the distance output is trained."""
-        return self.num_classes + (1 if self.distance_output else 0)
+        """Class logits, plus one distance logit when the distance output is trained, plus the rays."""
+        return self.num_classes + (1 if self.distance_output else 0) + self.rays
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

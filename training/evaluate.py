@@ -22,7 +22,7 @@ import numpy as np
 
 from service.model import ModelLoadError, SegmentationModel
 from service.pipeline import SegmentOptions, segment
-from service.postprocess import instances_from_probabilities
+from service.postprocess import INSTANCE_DECODERS, PostprocessParams, has_rays, instances_from_probabilities
 from training import figures
 from training.data import DataError, NucleiDataset, list_sample_dirs, load_dataset, load_sample
 from training.export import update_metadata
@@ -32,6 +32,7 @@ from training.split import MODALITIES, modality
 FOREGROUND_GRID = (0.45, 0.55, 0.6, 0.65, 0.7, 0.75)
 SEED_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # P(interior), or the normalised distance output
 SIGMA_GRID = (0.0, 1.0)
+NMS_GRID = (0.3, 0.4, 0.5)  # StarDist's largest overlap (IoU) between two kept polygons
 
 
 def split_samples(model: SegmentationModel, data_dir: Path, split: str) -> NucleiDataset:
@@ -152,27 +153,44 @@ def worst_figure(dataset: NucleiDataset, predictions: dict, rows: list[dict], pa
 
 
 def tune_thresholds(model_dir: Path, data_dir: Path, limit: int | None = None) -> dict:
-    """Pick foreground/seed thresholds and seed smoothing maximising the DSB2018 score on validation.
+    """Pick the decoding maximising the DSB2018 score on validation and store it in the model metadata.
 
-    Probabilities are computed once per image (the scale chosen with the current thresholds),
-    then every threshold pair is decoded and scored. The winner is stored in the model metadata.
+    Probabilities are computed once per image (the scale chosen with the current thresholds).
+    First every foreground/seed threshold pair and seed smoothing of the watershed is decoded and
+    scored; a model with StarDist rays then also tries polygon decoding (candidate threshold x NMS
+    overlap, alone or inside that foreground), and the best of all wins.
     """
     model = SegmentationModel.load(model_dir)
     dataset = split_samples(model, data_dir, "validation")
     samples = dataset.samples[:limit] if limit else dataset.samples
     cached = [(s.labels, segment(s.image, model).probabilities) for s in samples]
-    base = model.spec.postprocess
-    results = []
-    for fg, seed, sigma in itertools.product(FOREGROUND_GRID, SEED_GRID, SIGMA_GRID):
-        params = replace(base, foreground_threshold=fg, seed_threshold=seed, seed_sigma=sigma)
-        scores = [score_image(t, instances_from_probabilities(p, params)).score for t, p in cached]
-        results.append((float(np.mean(scores)), fg, seed, sigma))
-    best_score, fg, seed, sigma = max(results)
-    chosen = {**asdict(base), "foreground_threshold": fg, "seed_threshold": seed, "seed_sigma": sigma,
-              "tuned_on": f"validation split ({len(samples)} images), DSB2018 score {best_score:.4f}"}
+    base = replace(model.spec.postprocess, instances="watershed")
+    score, best = best_decoding(cached, [
+        replace(base, foreground_threshold=fg, seed_threshold=seed, seed_sigma=sigma)
+        for fg, seed, sigma in itertools.product(FOREGROUND_GRID, SEED_GRID, SIGMA_GRID)])
+    if has_rays(cached[0][1]):
+        for kind in INSTANCE_DECODERS[1:]:
+            polygon_score, polygons = best_decoding(cached, [
+                replace(best, instances=kind, candidate_threshold=candidate, nms_threshold=nms)
+                for candidate, nms in itertools.product(SEED_GRID, NMS_GRID)])
+            if polygon_score > score:
+                score, best = polygon_score, polygons
+    chosen = {**asdict(best), "tuned_on": f"validation split ({len(samples)} images), DSB2018 score {score:.4f}"}
     update_metadata(model_dir, {"postprocess": chosen})
-    print(f"thresholds: foreground {fg}, seed {seed}, seed smoothing {sigma} px -> validation DSB2018 score {best_score:.4f}")
+    print(f"decoding: {best} -> validation DSB2018 score {score:.4f}")
     return chosen
+
+
+def best_decoding(cached: list[tuple[np.ndarray, np.ndarray]],
+                  candidates: list[PostprocessParams]) -> tuple[float, PostprocessParams]:
+    """(mean DSB2018 score, parameters) of the best-scoring candidate on ``cached`` (truth, probabilities) pairs."""
+    results = []
+    for params in candidates:
+        scores = [score_image(t, instances_from_probabilities(p, params)) for t, p in cached]
+        results.append((float(np.mean([s.score for s in scores])), float(np.mean([s.ap50 for s in scores])), params))
+    score, ap50, params = max(results, key=lambda r: r[0])
+    print(f"best {params.instances}: DSB2018 score {score:.4f}, AP@0.5 {ap50:.4f} ({params})")
+    return score, params
 
 
 def main(argv: list[str] | None = None) -> None:

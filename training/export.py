@@ -1,7 +1,8 @@
 """Export a trained Keras model as a self-contained SavedModel plus ``metadata.json``.
 
 The SavedModel holds one ``tf.Module`` whose serving signature takes ``uint8`` images and returns
-softmax probabilities (and, for a model with the distance output, its sigmoid), so ``tf.saved_model.load`` serves it without this project's code and the
+softmax probabilities (and, for a model with the distance output, its sigmoid, and StarDist's ray
+distances), so ``tf.saved_model.load`` serves it without this project's code and the
 input scaling can never drift from training. Export is atomic: everything is written to a
 temporary sibling folder, then renamed into place.
 """
@@ -30,7 +31,8 @@ class ServingModule(tf.Module):
     the SavedModel at the size of the weights.
     """
 
-    def __init__(self, model: keras.Model, fixed_size: int | None, softmax_channels: int | None = None) -> None:
+    def __init__(self, model: keras.Model, fixed_size: int | None, softmax_channels: int | None = None,
+                 sigmoid_channels: int | None = None) -> None:
         super().__init__()
         self.weights = [w.value for w in model.weights]
         spec = tf.TensorSpec([None, fixed_size, fixed_size, 3], tf.uint8, name="images")
@@ -40,7 +42,9 @@ class ServingModule(tf.Module):
             if softmax_channels is None or softmax_channels >= logits.shape[-1]:
                 return {"probabilities": tf.nn.softmax(logits, axis=-1)}
             classes = tf.nn.softmax(logits[..., :softmax_channels], axis=-1)
-            return {"probabilities": tf.concat([classes, tf.sigmoid(logits[..., softmax_channels:])], axis=-1)}
+            end = logits.shape[-1] if sigmoid_channels is None else softmax_channels + sigmoid_channels
+            outputs = [classes, tf.sigmoid(logits[..., softmax_channels:end]), tf.nn.relu(logits[..., end:])]
+            return {"probabilities": tf.concat(outputs, axis=-1)}
 
         self.serve = tf.function(serve, input_signature=[spec])
 
@@ -75,18 +79,19 @@ def build_metadata(config_dict: dict[str, Any], *, classes: list[str], inference
 
 
 def export_model(model: keras.Model, out_dir: Path, metadata: dict[str, Any], fixed_size: int | None,
-                 softmax_channels: int | None = None) -> Path:
+                 softmax_channels: int | None = None, sigmoid_channels: int | None = None) -> Path:
     """Write SavedModel + metadata to ``out_dir`` atomically (temp folder, then rename).
 
-    The first ``softmax_channels`` outputs are class logits (softmax); any after them (the
-    distance output) are independent (sigmoid). ``None``: all outputs are classes.
+    The first ``softmax_channels`` outputs are class logits (softmax); the ``sigmoid_channels`` after
+    them (the distance output; ``None``: all the rest) are independent (sigmoid), and any after those
+    (StarDist ray distances, in pixels) are clipped at 0. ``softmax_channels`` None: all outputs are classes.
     An existing ``out_dir`` is replaced only once the new export is complete.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        module = ServingModule(model, fixed_size, softmax_channels)
+        module = ServingModule(model, fixed_size, softmax_channels, sigmoid_channels)
         tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: module.serve})
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
         swap_into_place(tmp, out_dir)

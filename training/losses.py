@@ -3,7 +3,10 @@
 Class logits are scored with softmax cross-entropy. A model with the distance output (see
 ``training.targets.distance_target``) returns one more logit per pixel, scored with sigmoid
 cross-entropy against the normalised distance and added, ``distance_weight`` times, to the
-class loss. Per-pixel weights (boundaries, contacts) scale both terms.
+class loss. With rays (StarDist), the mean absolute error of the ray distances, weighted by the
+normalised distance target as StarDist weights it by its object probability (0 outside nuclei,
+most at their centres, whose rays matter for the proposals), is added ``ray_weight`` times.
+Per-pixel weights (boundaries, contacts) scale every term.
 """
 
 from __future__ import annotations
@@ -23,11 +26,15 @@ def segmentation_loss(config: TrainConfig) -> keras.losses.Loss | Callable[[tf.T
     classes, weight = config.num_classes, config.distance_weight
 
     def loss(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-        """``y_true (B, H, W, 2)``: class index and normalised distance; ``y_pred``: logits."""
+        """``y_true (B, H, W, 2 [+ rays])``: class index, normalised distance [, rays]; ``y_pred``: logits."""
         class_loss = keras.losses.sparse_categorical_crossentropy(
             tf.cast(y_true[..., 0], tf.int32), y_pred[..., :classes], from_logits=True)
         distance_loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=y_true[..., 1], logits=y_pred[..., classes])
-        return class_loss + weight * distance_loss
+        total = class_loss + weight * distance_loss
+        if config.rays:
+            ray_error = tf.reduce_mean(tf.abs(y_true[..., 2:] - y_pred[..., classes + 1:]), axis=-1)
+            total += config.ray_weight * y_true[..., 1] * ray_error
+        return total
 
     return loss
 

@@ -145,7 +145,7 @@ def full_resolution_level(filters: int, features: keras.KerasTensor, scaled: ker
 
 
 def output_logits(config: TrainConfig, features: keras.KerasTensor) -> keras.KerasTensor:
-    """Full-resolution logits: the classes, then the distance output when the model has one.
+    """Full-resolution logits: the classes, then the distance output when the model has one, then the rays.
 
     With ``distance_head`` > 0 the distance gets a branch of its own (3x3 conv blocks, then its
     own final layer), so the regression does not compete with the class logits for one layer.
@@ -162,7 +162,7 @@ def output_logits(config: TrainConfig, features: keras.KerasTensor) -> keras.Ker
     for j in range(config.distance_head):
         branch = conv_block(config.decoder_filters[-1], name=f"distance_{j}")(branch)
     classes = final(config.num_classes, "class_logits")(features)
-    distance = final(1, "distance_logits")(branch)
+    distance = final(1 + config.rays, "distance_logits")(branch)  # the rays share the distance's branch
     return layers.Concatenate(name="logits", dtype="float32")([classes, distance])
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 from service.encode import overlay_png
 from service.model import SegmentationModel
 from service.pipeline import SegmentOptions, segment
-from service.postprocess import PostprocessParams
+from service.postprocess import RAY_GRID, PostprocessParams
 from training.config import TrainConfig
 from training.data import list_sample_dirs, load_sample
 from training.evaluate import markdown_table, summary_row
@@ -113,8 +113,25 @@ def distance_note(config: TrainConfig) -> str:
         return ""
     head = (f", in a branch of its own of {config.distance_head} 3x3 conv-BN-ReLU" if config.distance_head
             else ", sharing the class logits' final layer")
+    rays = "" if not config.rays else (
+        f"; plus StarDist's distances from each nucleus pixel to its edge along {config.rays} rays (linear, "
+        f"mean absolute error weighted by the distance target, loss weight {config.ray_weight})")
     return (f"; plus each nucleus' distance to its own edge, divided by its largest (sigmoid output{head}, loss "
-            f"weight {config.distance_weight})")
+            f"weight {config.distance_weight}){rays}")
+
+
+def decoding_note(post: PostprocessParams, seed_map: str) -> str:
+    """How the instances are decoded: a seeded watershed, or StarDist's polygons (alone or as markers)."""
+    if post.instances == "watershed":
+        return (f"a watershed seeded by {seed_map} > {post.seed_threshold} (smoothed with a Gaussian of "
+                f"{post.seed_sigma} px) over foreground probability > {post.foreground_threshold} separates "
+                f"touching nuclei")
+    polygons = (f"star-convex polygons proposed where the distance output exceeds {post.candidate_threshold} (on a "
+                f"{RAY_GRID}-px grid), with non-maximum suppression above IoU {post.nms_threshold},")
+    if post.instances == "polygons":
+        return f"{polygons} are the nuclei"
+    return (f"{polygons} mark the nuclei, and a watershed gives each its pixels of the foreground "
+            f"(probability > {post.foreground_threshold})")
 
 
 def write_report(best_run: Path, reference_run: Path, data_dir: Path, out: Path) -> Path:
@@ -133,7 +150,8 @@ def write_report(best_run: Path, reference_run: Path, data_dir: Path, out: Path)
                             summary_row("shipped (this model)", best["summary"])])
     same_split = ref["metadata"]["split"]["validation_ids"] == val_ids
     seed_map = "the distance output" if cfg.distance_output else "interior probability"
-    text = f"""# Shipped model: U-Net, MobileNetV2 encoder, 3 classes{' + distance' if cfg.distance_output else ''}, native-resolution tiles
+    outputs = "3 classes" + (" + distance" if cfg.distance_output else "") + (f" + {cfg.rays} rays" if cfg.rays else "")
+    text = f"""# Shipped model: U-Net, MobileNetV2 encoder, {outputs}, native-resolution tiles
 
 ## Validation scores
 
@@ -175,10 +193,8 @@ time over the validation images on the 2-core machine, during the evaluation run
   crops) with cosine blending. Its median nucleus size is measured first from a look at half
   scale (kept when the nuclei there are still at least 3/4 of the canonical size, i.e. large),
   else from a native pass; when it is off the canonical size, the image is rescaled and run
-  again (at most twice); a watershed seeded by
-  {seed_map} > {post.seed_threshold} (smoothed with a Gaussian of
-  {post.seed_sigma} px) over foreground probability > {post.foreground_threshold}
-  separates touching nuclei; nuclei under {post.min_size} px are dropped. ({tuned_on})
+  again (at most twice); {decoding_note(post, seed_map)};
+  nuclei under {post.min_size} px are dropped. ({tuned_on})
 
 ## Notes
 

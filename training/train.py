@@ -34,6 +34,8 @@ from training.targets import CLASS_OF_CODE, make_target, scale_to_canonical
 CLASS_NAMES = {2: ["background", "nucleus"], 3: ["background", "interior", "boundary"]}
 #: Name of the distance output's channel, after the classes (metadata ``classes`` lists every output channel).
 DISTANCE_CHANNEL = "distance"
+#: Name prefix of StarDist's ray channels, after the distance output (ray k at angle 2 pi k / rays, StarDist's order).
+RAY_CHANNEL = "ray"
 
 
 @dataclass
@@ -60,7 +62,8 @@ def prepare(dataset: NucleiDataset, config: TrainConfig, groups: dict[str, str])
         image = resize_image(image, size)
         labels = resize_image(labels, size, nearest=True)
         images.append(image)
-        targets.append(make_target(labels, config.target, config.boundary_width, config.distance_output))
+        targets.append(make_target(labels, config.target, config.boundary_width, config.distance_output,
+                                   rays=config.rays > 0))
     return Prepared(dataset.ids, images, targets, [groups[i] for i in dataset.ids])
 
 
@@ -113,8 +116,9 @@ def predictions_figure(model: keras.Model, val: Prepared, config: TrainConfig, p
 
 
 def output_names(config: TrainConfig) -> list[str]:
-    """One name per output channel: the classes, then the distance output if trained."""
-    return CLASS_NAMES[config.num_classes] + ([DISTANCE_CHANNEL] if config.distance_output else [])
+    """One name per output channel: the classes, then the distance output if trained, then the rays."""
+    return (CLASS_NAMES[config.num_classes] + ([DISTANCE_CHANNEL] if config.distance_output else [])
+            + [f"{RAY_CHANNEL}_{k}" for k in range(config.rays)])
 
 
 def count_params(model: keras.Model) -> dict[str, int]:
@@ -179,7 +183,7 @@ def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bo
     served = model if config.precision == "float32" else float32_copy(model, config, fixed_size)
     model_dir = export_model(served, run_dir / "model", metadata,
                              fixed_size=config.image_size if config.inference == "resize" else None,
-                             softmax_channels=config.num_classes)
+                             softmax_channels=config.num_classes, sigmoid_channels=int(config.distance_output))
     metrics["total_seconds"] = round(time.time() - started, 1)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"exported {model_dir}; fit {fit_seconds:.0f} s, "
@@ -225,6 +229,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                         help="train the distance output (4th channel) with this loss weight; 0 turns it off")
     parser.add_argument("--distance-head", type=non_negative,
                         help="3x3 conv blocks in the distance output's own branch (0: it shares the final layer)")
+    parser.add_argument("--rays", type=non_negative,
+                        help="StarDist rays per pixel (needs the distance output; 0: none)")
+    parser.add_argument("--ray-weight", type=float, help="loss weight of the rays' mean absolute error")
     parser.add_argument("--full-res-filters", type=non_negative,
                         help="filters of a full-resolution decoder level joined to the input (0: none)")
     parser.add_argument("--precision", choices=get_args(get_type_hints(TrainConfig)["precision"]),
@@ -235,14 +242,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     args = parser.parse_args(argv)
     if args.small_weight is not None and args.small_weight <= 0:
         parser.error("--small-weight must be positive")
-    config = preset(args.preset).override(
-        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, image_size=args.image_size,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, encoder_weights=args.encoder_weights,
-        fine_tune=args.fine_tune, seed=args.seed, val_fraction=args.val_fraction, precision=args.precision,
-        distance_weight=args.distance_weight, distance_head=args.distance_head, small_weight=args.small_weight,
-        full_res_filters=args.full_res_filters, balance_power=args.balance_power,
-        freeze_encoder_bn=args.freeze_encoder_bn,
-    )
+    try:
+        config = preset(args.preset).override(
+            epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, image_size=args.image_size,
+            batch_size=args.batch_size, learning_rate=args.learning_rate, encoder_weights=args.encoder_weights,
+            fine_tune=args.fine_tune, seed=args.seed, val_fraction=args.val_fraction, precision=args.precision,
+            distance_weight=args.distance_weight, distance_head=args.distance_head, small_weight=args.small_weight,
+            full_res_filters=args.full_res_filters, balance_power=args.balance_power,
+            freeze_encoder_bn=args.freeze_encoder_bn, rays=args.rays, ray_weight=args.ray_weight,
+        )
+    except ValueError as error:  # settings that contradict each other
+        parser.error(str(error))
     if args.fine_tune_from == "all":
         config = replace(config, fine_tune_from=None)
     elif args.fine_tune_from is not None:
