@@ -59,6 +59,8 @@ class TrainConfig:
     # the class logits' final layer); 1 (with weight 1, 30 epochs) scored 0.602 / AP@0.5 0.816, so the preset keeps 0
     rays: int = 0  # >0 (needs the distance output): StarDist's star-convex shape, each nucleus pixel's distance
     # to its nucleus' edge along this many equally spaced rays (linear outputs after the distance output)
+    # 32 (with distance weight 1 and head 1, 20 epochs) scored 0.598 / AP@0.5 0.813 decoded by the watershed and
+    # 0.402 / 0.762 by polygon NMS (docs/training.md), so the preset keeps 0
     ray_weight: float = 0.2  # loss weight of the rays' mean absolute error (px), weighted by the distance target
     precision: Literal["float32", "mixed_bfloat16"] = "float32"  # training only; the export is float32
     # augmentation
