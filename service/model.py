@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.postprocess import PostprocessParams
+from service.postprocess import PostprocessParams, check_decoder
 from service.tiling import GRID
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class ModelSpec:
         if metadata.get("format_version") != SUPPORTED_FORMAT:
             raise ValueError(f"unsupported format_version {metadata.get('format_version')!r}")
         infer = metadata["inference"]
-        return cls(
+        spec = cls(
             image_size=int(metadata["input_size"]),
             num_classes=len(metadata["classes"]),
             inference=infer["mode"],
@@ -65,6 +65,8 @@ class ModelSpec:
             postprocess=PostprocessParams.from_dict(metadata.get("postprocess")),
             metadata=metadata,
         )
+        check_decoder(spec.postprocess, spec.num_classes)
+        return spec
 
 
 class SegmentationModel:

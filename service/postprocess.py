@@ -6,6 +6,7 @@ The evaluation scores exactly these functions, and their thresholds are model me
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,21 @@ INSTANCE_DECODERS = ("watershed", "polygons", "polygons_in_foreground")
 RAY_START = 4
 #: Candidate polygons are proposed from every second pixel in each direction (as StarDist's grid (2, 2)).
 RAY_GRID = 2
+
+
+def check_decoder(params: PostprocessParams, channels: int) -> None:
+    """Refuse, when a model loads, a decoding its outputs or this installation cannot run.
+
+    Otherwise polygon decoding would fall back to the watershed without a word (no rays), or fail
+    on the first request (no ``stardist`` package).
+    """
+    if params.instances == "watershed":
+        return
+    if channels <= RAY_START:
+        raise ValueError(f"postprocess.instances={params.instances!r} needs StarDist ray outputs, "
+                         f"and the model has {channels} output channels")
+    if importlib.util.find_spec("stardist") is None:
+        raise ValueError(f"postprocess.instances={params.instances!r} needs the stardist package (pip install stardist)")
 
 
 def has_rays(probs: np.ndarray) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 from stardist.geometry import star_dist
 
-from service.model import ModelSpec, SegmentationModel
+from service.model import METADATA_FILE, ModelLoadError, ModelSpec, SegmentationModel
 from service.pipeline import SegmentOptions, segment
 from service.postprocess import RAY_START, PostprocessParams, flipped_ray_order, instances_from_probabilities
 from tests.conftest import tiny_config
@@ -86,6 +87,16 @@ def test_polygons_in_foreground_take_the_foregrounds_extent():
 def test_an_unknown_decoder_is_refused():
     with pytest.raises(ValueError, match="instances"):
         PostprocessParams(instances="stardist")
+
+
+def test_a_model_without_rays_cannot_be_set_to_decode_polygons(tile_model_dir: Path, tmp_path: Path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tile_model_dir, model_dir)  # 3 classes, no rays
+    metadata = json.loads((model_dir / METADATA_FILE).read_text())
+    metadata["postprocess"]["instances"] = "polygons"
+    (model_dir / METADATA_FILE).write_text(json.dumps(metadata))
+    with pytest.raises(ModelLoadError, match="needs StarDist ray outputs"):
+        SegmentationModel.load(model_dir)
 
 
 def test_rays_are_computed_from_the_label_bytes_the_target_carries():
