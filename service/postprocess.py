@@ -61,7 +61,8 @@ def check_decoder(params: PostprocessParams, channels: int) -> None:
         raise ValueError(f"postprocess.instances={params.instances!r} needs StarDist ray outputs, "
                          f"and the model has {channels} output channels")
     if importlib.util.find_spec("stardist") is None:
-        raise ValueError(f"postprocess.instances={params.instances!r} needs the stardist package (pip install stardist)")
+        raise ValueError(f"postprocess.instances={params.instances!r} needs the stardist package "
+                         "(pip install stardist)")
 
 
 def has_rays(probs: np.ndarray) -> bool:

@@ -176,7 +176,8 @@ def test_a_trained_model_with_rays_exports_classes_distance_and_non_negative_ray
     assert probs.shape == (2, 64, 64, RAY_START + 8)
     np.testing.assert_allclose(probs[..., :3].sum(-1), 1.0, atol=1e-4)
     assert ((probs[..., 3] > 0) & (probs[..., 3] < 1)).all() and (probs[..., RAY_START:] >= 0).all()
-    model.spec = replace(model.spec, postprocess=PostprocessParams(0.5, 0.5, 4, instances="polygons", candidate_threshold=0.3))
+    polygons = PostprocessParams(0.5, 0.5, 4, instances="polygons", candidate_threshold=0.3)
+    model.spec = replace(model.spec, postprocess=polygons)
     assert segment(np.zeros((40, 50, 3), np.uint8), model).labels.shape == (40, 50)
 
 
