@@ -7,7 +7,7 @@ The evaluation scores exactly these functions, and their thresholds are model me
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -34,10 +34,8 @@ class PostprocessParams:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "PostprocessParams":
-        data = data or {}
-        names = ("foreground_threshold", "seed_threshold", "min_size", "seed_sigma", "instances",
-                 "candidate_threshold", "nms_threshold")
-        return cls(**{k: data[k] for k in names if k in data})
+        data = data or {}  # other keys (e.g. ``tuned_on``) are notes, not parameters
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 #: How instances are decoded: a seeded watershed, or StarDist's polygons (models with rays only),

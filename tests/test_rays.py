@@ -107,9 +107,11 @@ def test_rays_are_computed_from_the_label_bytes_the_target_carries():
     np.testing.assert_array_equal(star_rays(target[..., 2:4], RAYS), star_dist(labels, RAYS, mode="cpp"))
 
 
-def test_rays_need_the_distance_output():
+def test_rays_need_the_distance_output_and_the_3_class_target():
     with pytest.raises(ValueError, match="distance"):
         TrainConfig(rays=RAYS)
+    with pytest.raises(ValueError, match="3-class"):
+        TrainConfig(rays=RAYS, distance_weight=1.0, target="mask")
     with pytest.raises(SystemExit):  # a usage error, before any data loads
         parse_args(["--data", "d", "--out", "o", "--preset", "best", "--rays", "32"])
     config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best", "--rays", "32", "--distance-weight", "1"])

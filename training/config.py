@@ -79,6 +79,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.rays and not self.distance_output:
             raise ValueError("rays need the distance output (distance_weight > 0): it is their object probability")
+        if self.rays and self.target != "boundary":  # the service reads rays from channel 4 (service.postprocess)
+            raise ValueError("rays need the 3-class boundary target: the service reads them after 3 classes and the "
+                             "distance output")
 
     @property
     def num_classes(self) -> int:
