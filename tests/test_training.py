@@ -390,3 +390,12 @@ def test_best_preset_is_the_shipped_models_recipe():
     """``--preset best`` must reproduce ``models/default``: a new option's default may not change the recipe."""
     shipped = json.loads((Path(__file__).resolve().parent.parent / "models" / "default" / "metadata.json").read_text())
     assert TrainConfig.from_dict(shipped["training_config"]) == preset("best")
+
+
+def test_canonical_diameter_flag_sets_the_training_and_serving_size():
+    assert parse_args(["--data", "d", "--out", "o", "--preset", "best"])[0].canonical_diameter == 20.0
+    config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best", "--canonical-diameter", "24"])
+    assert config.canonical_diameter == 24.0
+    for bad in ("0", "-5"):  # a non-positive size would divide by zero or flip every image
+        with pytest.raises(SystemExit):
+            parse_args(["--data", "d", "--out", "o", "--preset", "best", "--canonical-diameter", bad])

@@ -232,6 +232,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     parser.add_argument("--rays", type=non_negative,
                         help="StarDist rays per pixel (needs the distance output; 0: none)")
     parser.add_argument("--ray-weight", type=float, help="loss weight of the rays' mean absolute error")
+    parser.add_argument("--canonical-diameter", type=float,
+                        help="nucleus diameter (px) every image is rescaled to, in training and serving")
     parser.add_argument("--full-res-filters", type=non_negative,
                         help="filters of a full-resolution decoder level joined to the input (0: none)")
     parser.add_argument("--precision", choices=get_args(get_type_hints(TrainConfig)["precision"]),
@@ -242,6 +244,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     args = parser.parse_args(argv)
     if args.small_weight is not None and args.small_weight <= 0:
         parser.error("--small-weight must be positive")
+    if args.canonical_diameter is not None and args.canonical_diameter <= 0:
+        parser.error("--canonical-diameter must be positive")
     try:
         config = preset(args.preset).override(
             epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, image_size=args.image_size,
@@ -250,6 +254,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
             distance_weight=args.distance_weight, distance_head=args.distance_head, small_weight=args.small_weight,
             full_res_filters=args.full_res_filters, balance_power=args.balance_power,
             freeze_encoder_bn=args.freeze_encoder_bn, rays=args.rays, ray_weight=args.ray_weight,
+            canonical_diameter=args.canonical_diameter,
         )
     except ValueError as error:  # settings that contradict each other
         parser.error(str(error))
