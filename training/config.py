@@ -27,7 +27,7 @@ class TrainConfig:
     target: Literal["mask", "boundary"] = "mask"  # 2 classes, or background/interior/boundary
     boundary_width: int = 2
     canonical_diameter: float | None = None  # rescale every image so nuclei have this diameter (px)
-    # the preset's 20 px: 24 scored 0.596 / AP@0.5 0.806 vs 0.607 / 0.817 (docs/training.md)
+    # the preset's 20 px: 24 scored 0.596 / AP@0.5 0.806 and 16 0.590 / 0.806 vs 0.607 / 0.817 (docs/training.md)
     # model
     encoder_weights: str = "imagenet"  # "imagenet", "none", or a path to a .weights.h5 file
     fine_tune: bool = False
