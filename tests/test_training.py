@@ -399,3 +399,5 @@ def test_canonical_diameter_flag_sets_the_training_and_serving_size():
     for bad in ("0", "-5"):  # a non-positive size would divide by zero or flip every image
         with pytest.raises(SystemExit):
             parse_args(["--data", "d", "--out", "o", "--preset", "best", "--canonical-diameter", bad])
+    with pytest.raises(ValueError, match="canonical_diameter"):  # the config refuses it, not only the CLI
+        TrainConfig(canonical_diameter=0.0)

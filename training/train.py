@@ -244,8 +244,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     args = parser.parse_args(argv)
     if args.small_weight is not None and args.small_weight <= 0:
         parser.error("--small-weight must be positive")
-    if args.canonical_diameter is not None and args.canonical_diameter <= 0:
-        parser.error("--canonical-diameter must be positive")
     try:
         config = preset(args.preset).override(
             epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, image_size=args.image_size,
