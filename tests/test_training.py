@@ -171,6 +171,8 @@ def test_loss_weights_follow_the_target_codes():
     assert parse_args(["--data", "d", "--out", "o", "--preset", "best", "--small-weight", "3"])[0].small_weight == 3.0
     with pytest.raises(SystemExit):  # a zero weight would silently drop small nuclei from the loss
         parse_args(["--data", "d", "--out", "o", "--small-weight", "0"])
+    with pytest.raises(ValueError, match="small_weight"):  # the config itself refuses it, metadata files too
+        TrainConfig(small_weight=0.0)
 
 
 def test_augmentation_keeps_image_and_mask_aligned():

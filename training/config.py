@@ -80,6 +80,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.canonical_diameter is not None and self.canonical_diameter <= 0:  # from the CLI or a metadata file
             raise ValueError(f"canonical_diameter must be positive, got {self.canonical_diameter}")
+        if self.small_weight <= 0:  # zero would silently drop small nuclei from the loss
+            raise ValueError(f"small_weight must be positive, got {self.small_weight}")
         if self.rays and not self.distance_output:
             raise ValueError("rays need the distance output (distance_weight > 0): it is their object probability")
         if self.rays and self.target != "boundary":  # the service reads rays from channel 4 (service.postprocess)

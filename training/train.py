@@ -242,8 +242,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     parser.add_argument("--val-fraction", type=float)
     parser.add_argument("--no-evaluate", action="store_true", help="skip the DSB2018 evaluation at the end")
     args = parser.parse_args(argv)
-    if args.small_weight is not None and args.small_weight <= 0:
-        parser.error("--small-weight must be positive")
     try:
         config = preset(args.preset).override(
             epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, image_size=args.image_size,
