@@ -80,6 +80,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.canonical_diameter is not None and self.canonical_diameter <= 0:  # from the CLI or a metadata file
             raise ValueError(f"canonical_diameter must be positive, got {self.canonical_diameter}")
+        if self.zoom < 0:  # a negative range would make log1p(zoom) undefined or invert the interval
+            raise ValueError(f"zoom must be non-negative, got {self.zoom}")
         if self.small_weight <= 0:  # zero would silently drop small nuclei from the loss
             raise ValueError(f"small_weight must be positive, got {self.small_weight}")
         if self.rays and not self.distance_output:
