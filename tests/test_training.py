@@ -403,3 +403,14 @@ def test_canonical_diameter_flag_sets_the_training_and_serving_size():
             parse_args(["--data", "d", "--out", "o", "--preset", "best", "--canonical-diameter", bad])
     with pytest.raises(ValueError, match="canonical_diameter"):  # the config refuses it, not only the CLI
         TrainConfig(canonical_diameter=0.0)
+
+
+def test_zoom_flag_sets_the_augmentation_range():
+    assert parse_args(["--data", "d", "--out", "o", "--preset", "best"])[0].zoom == 0.5
+    config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best", "--zoom", "0.25"])
+    assert config.zoom == 0.25
+    assert parse_args(["--data", "d", "--out", "o", "--preset", "best", "--zoom", "0"])[0].zoom == 0.0
+    with pytest.raises(SystemExit):  # log1p of a zoom of -1 or less is undefined
+        parse_args(["--data", "d", "--out", "o", "--preset", "best", "--zoom", "-0.2"])
+    with pytest.raises(ValueError, match="zoom"):
+        TrainConfig(zoom=-1.0)
