@@ -410,7 +410,7 @@ def test_zoom_flag_sets_the_augmentation_range():
     config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best", "--zoom", "0.25"])
     assert config.zoom == 0.25
     assert parse_args(["--data", "d", "--out", "o", "--preset", "best", "--zoom", "0"])[0].zoom == 0.0
-    with pytest.raises(SystemExit):  # log1p of a zoom of -1 or less is undefined
+    with pytest.raises(SystemExit):  # a negative zoom inverts the range (and from -1 on, log1p is undefined)
         parse_args(["--data", "d", "--out", "o", "--preset", "best", "--zoom", "-0.2"])
     with pytest.raises(ValueError, match="zoom"):
         TrainConfig(zoom=-1.0)
