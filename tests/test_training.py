@@ -414,3 +414,13 @@ def test_zoom_flag_sets_the_augmentation_range():
         parse_args(["--data", "d", "--out", "o", "--preset", "best", "--zoom", "-0.2"])
     with pytest.raises(ValueError, match="zoom"):
         TrainConfig(zoom=-1.0)
+
+
+def test_boundary_width_flag_sets_the_target_rim():
+    assert parse_args(["--data", "d", "--out", "o", "--preset", "best"])[0].boundary_width == 2
+    config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best", "--boundary-width", "3"])
+    assert config.boundary_width == 3
+    with pytest.raises(SystemExit):  # no rim: touching nuclei's interiors would meet, nothing to split them at
+        parse_args(["--data", "d", "--out", "o", "--preset", "best", "--boundary-width", "0"])
+    with pytest.raises(ValueError, match="boundary_width"):
+        TrainConfig(boundary_width=0)

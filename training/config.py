@@ -83,6 +83,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.canonical_diameter is not None and self.canonical_diameter <= 0:  # from the CLI or a metadata file
             raise ValueError(f"canonical_diameter must be positive, got {self.canonical_diameter}")
+        if self.boundary_width < 1:  # a rim of 0 px would leave touching interiors with nothing between them
+            raise ValueError(f"boundary_width must be at least 1, got {self.boundary_width}")
         if self.zoom < 0:  # a negative range would make log1p(zoom) undefined or invert the interval
             raise ValueError(f"zoom must be non-negative, got {self.zoom}")
         if self.small_weight <= 0:  # zero would silently drop small nuclei from the loss

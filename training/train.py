@@ -234,6 +234,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     parser.add_argument("--ray-weight", type=float, help="loss weight of the rays' mean absolute error")
     parser.add_argument("--canonical-diameter", type=float,
                         help="nucleus diameter (px) every image is rescaled to, in training and serving")
+    parser.add_argument("--boundary-width", type=int,
+                        help="3-class target: rim of each nucleus, in px at the canonical size, that is boundary")
     parser.add_argument("--zoom", type=float,
                         help="zoom augmentation: scale factors log-uniform between 1/(1+Z) and 1+Z (0: none)")
     parser.add_argument("--full-res-filters", type=non_negative,
@@ -252,7 +254,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
             distance_weight=args.distance_weight, distance_head=args.distance_head, small_weight=args.small_weight,
             full_res_filters=args.full_res_filters, balance_power=args.balance_power,
             freeze_encoder_bn=args.freeze_encoder_bn, rays=args.rays, ray_weight=args.ray_weight,
-            canonical_diameter=args.canonical_diameter, zoom=args.zoom,
+            canonical_diameter=args.canonical_diameter, zoom=args.zoom, boundary_width=args.boundary_width,
         )
     except ValueError as error:  # settings that contradict each other
         parser.error(str(error))
