@@ -26,7 +26,7 @@ class TrainConfig:
     input_scale: Literal["unit", "symmetric"] = "unit"  # x/255 or x/127.5 - 1 inside the model
     target: Literal["mask", "boundary"] = "mask"  # 2 classes, or background/interior/boundary
     boundary_width: int = 2
-    # the preset's 2 px: 3 scored 0.606 / AP@0.5 0.818 vs 0.607 / 0.817 (docs/training.md)
+    # the preset's 2 px: 3 scored 0.606 / AP@0.5 0.818 and 1 0.604 / 0.811 vs 0.607 / 0.817 (docs/training.md)
     canonical_diameter: float | None = None  # rescale every image so nuclei have this diameter (px)
     # the preset's 20 px: 24 scored 0.596 / AP@0.5 0.806 and 16 0.590 / 0.806 vs 0.607 / 0.817 (docs/training.md)
     # model
