@@ -21,7 +21,7 @@ from training.config import PRESETS, TrainConfig, preset
 from training.data import DataError, data_load, load_dataset
 from training.export import export_model
 from training.model import build_unet
-from training.losses import segmentation_loss
+from training.losses import segmentation_loss, soft_dice_loss
 from training.targets import CLASS_OF_CODE, CONTACT, GAP, SMALL, boundary_target, distance_target, make_target
 from training.train import main, parse_args
 
@@ -141,6 +141,29 @@ def test_distance_loss_adds_weighted_sigmoid_cross_entropy_to_the_class_loss():
     # without the distance output the loss is Keras' cross-entropy over the classes
     plain = segmentation_loss(config.override(distance_weight=0.0))
     assert float(plain(classes, logits[..., :3])) == pytest.approx(float(np.mean(keras_ce(classes, logits[..., :3]))), rel=1e-5)
+
+
+def test_dice_term_scores_each_images_nucleus_classes_as_a_whole():
+    config = tiny_config("best").override(distance_weight=0.0, dice_weight=0.5)
+    classes = np.zeros((2, 8, 8), np.int64)
+    classes[0, 2:6, 2:6], classes[0, 2:6, 6] = 1, 2  # image 0: one nucleus with a rim; image 1: none
+    sure = tf.constant(np.eye(3)[classes] * 20.0 - 10.0, tf.float32)  # confident and right everywhere
+    # a tiny nucleus missed: a few pixels of cross-entropy, but the whole of the interior's Dice
+    missed = sure.numpy()
+    missed[0, 2:6, 2:6] = [10.0, -10.0, -10.0]
+    dice = soft_dice_loss(tf.constant(classes), tf.constant(missed)).numpy()
+    assert dice[1] == pytest.approx(0.0, abs=1e-6)  # empty and predicted empty: no penalty
+    assert dice[0] == pytest.approx((1 - 1 / 17 + 1 - 9 / 9) / 2, abs=1e-4)  # interior (16 px) lost; rim (4) kept
+    loss = segmentation_loss(config)
+    assert loss(classes, sure).numpy().max() == pytest.approx(0.0, abs=1e-3)
+    per_pixel = loss(classes, tf.constant(missed)).numpy()
+    assert per_pixel.shape == (2, 8, 8)
+    assert per_pixel.mean() == pytest.approx(keras_ce(classes, missed).mean() + 0.5 * dice[0] / 2, rel=1e-5)
+    with pytest.raises(SystemExit):  # a negative weight would reward missing nuclei
+        parse_args(["--data", "d", "--out", "o", "--dice-weight", "-1"])
+    with pytest.raises(ValueError, match="dice_weight"):
+        TrainConfig(dice_weight=-1.0)
+    assert parse_args(["--data", "d", "--out", "o", "--preset", "best", "--dice-weight", "1"])[0].dice_weight == 1.0
 
 
 def keras_ce(classes: np.ndarray, logits: tf.Tensor) -> np.ndarray:

@@ -56,6 +56,8 @@ class TrainConfig:
     small_weight: float = 1.0  # weight factor on the pixels of nuclei under half their image's median area;
     # 3.0 (30 epochs) scored 0.605 / AP@0.5 0.812 vs 0.608 / 0.817 (block_3_expand recipe, docs/training.md),
     # so the preset keeps 1.0
+    dice_weight: float = 0.0  # >0: add this many times one minus the soft Dice of the nucleus classes, per image
+    #   (training.losses), which scores small nuclei and the rims between touching ones as wholes
     distance_weight: float = 0.0  # >0: a 4th output, each nucleus' normalised distance to its edge
     # (sigmoid, loss weighted this much); seeds are cut from it instead of from P(interior).
     # 1.0 on the then-shipped block_3_expand recipe (29 epochs) scored 0.597 / AP@0.5 0.814 vs 0.608 / 0.817,
@@ -92,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"zoom must be non-negative, got {self.zoom}")
         if self.small_weight <= 0:  # zero would silently drop small nuclei from the loss
             raise ValueError(f"small_weight must be positive, got {self.small_weight}")
+        if self.dice_weight < 0:  # a negative weight would reward the network for missing nuclei
+            raise ValueError(f"dice_weight must be 0 or more, got {self.dice_weight}")
         if self.rays and not self.distance_output:
             raise ValueError("rays need the distance output (distance_weight > 0): it is their object probability")
         if self.rays and self.target != "boundary":  # the service reads rays from channel 4 (service.postprocess)

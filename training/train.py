@@ -225,6 +225,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                         help="modality balance: a modality of n images gets crops ~ n ** (1 - power); 1: equal shares")
     parser.add_argument("--small-weight", type=float,
                         help="loss weight factor on nuclei under half their image's median area (1: none)")
+    parser.add_argument("--dice-weight", type=float,
+                        help="add this many times one minus the soft Dice of the nucleus classes (0: none)")
     parser.add_argument("--distance-weight", type=float,
                         help="train the distance output (4th channel) with this loss weight; 0 turns it off")
     parser.add_argument("--distance-head", type=non_negative,
@@ -255,6 +257,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
             full_res_filters=args.full_res_filters, balance_power=args.balance_power,
             freeze_encoder_bn=args.freeze_encoder_bn, rays=args.rays, ray_weight=args.ray_weight,
             canonical_diameter=args.canonical_diameter, zoom=args.zoom, boundary_width=args.boundary_width,
+            dice_weight=args.dice_weight,
         )
     except ValueError as error:  # settings that contradict each other
         parser.error(str(error))
