@@ -233,6 +233,10 @@ def test_decoder_convs_add_refine_blocks_at_every_level():
     refined = build_unet(tiny_config("best").override(decoder_convs=2))
     assert refine_blocks(refined) == [f"refine_{i}_{j}" for i in range(4) for j in range(2)]
     assert refined.get_layer("refine_3_1").output.shape[-1] == 16  # the level's decoder width
+    assert parse_args(["--data", "d", "--out", "o", "--preset", "best", "--decoder-convs", "2"])[0].decoder_convs == 2
+    assert parse_args(["--data", "d", "--out", "o", "--preset", "best"])[0].decoder_convs == 1  # the preset's
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "d", "--out", "o", "--decoder-convs", "-1"])
 
 
 def test_full_res_level_joins_the_input_at_full_resolution():

@@ -240,6 +240,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                         help="3-class target: rim of each nucleus, in px at the canonical size, that is boundary")
     parser.add_argument("--zoom", type=float,
                         help="zoom augmentation: scale factors log-uniform between 1/(1+Z) and 1+Z (0: none)")
+    parser.add_argument("--decoder-convs", type=non_negative,
+                        help="3x3 conv-BN-ReLU blocks after each decoder level's skip join (0: pix2pix decoder)")
     parser.add_argument("--full-res-filters", type=non_negative,
                         help="filters of a full-resolution decoder level joined to the input (0: none)")
     parser.add_argument("--precision", choices=get_args(get_type_hints(TrainConfig)["precision"]),
@@ -257,7 +259,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
             full_res_filters=args.full_res_filters, balance_power=args.balance_power,
             freeze_encoder_bn=args.freeze_encoder_bn, rays=args.rays, ray_weight=args.ray_weight,
             canonical_diameter=args.canonical_diameter, zoom=args.zoom, boundary_width=args.boundary_width,
-            dice_weight=args.dice_weight,
+            dice_weight=args.dice_weight, decoder_convs=args.decoder_convs,
         )
     except ValueError as error:  # settings that contradict each other
         parser.error(str(error))
