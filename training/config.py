@@ -37,6 +37,8 @@ class TrainConfig:
     #   False: they normalise each training batch by its own statistics and update their running averages
     decoder_filters: tuple[int, ...] = (512, 256, 128, 64)
     decoder_convs: int = 0  # 3x3 conv-BN-ReLU blocks after each skip concatenation (0: pix2pix decoder)
+    #   the preset's 1: 2 scored 0.614 / AP@0.5 0.823 vs 0.607 / 0.817 (within the fit-to-fit spread; not yet
+    #   confirmed by a second fit, docs/training.md)
     full_res_filters: int = 0  # >0: a full-resolution decoder level joined to a conv of the input itself;
     #   0: the last transposed conv upsamples 1/2-resolution features straight to logits.
     #   Measured 0.592 / AP@0.5 0.803 with 8 (docs/training.md), so the preset keeps 0.
