@@ -61,7 +61,7 @@ def overlay_figure(model_dir: Path, data_dir: Path, ids: list[str], path: Path) 
 def decoder_note(cfg: TrainConfig) -> str:
     """How many refine convolutions follow each skip join (none in a pix2pix-only decoder), and the full-resolution level."""
     convs = cfg.decoder_convs
-    note = f", each skip join followed by {convs} 3x3 conv-BN-ReLU" if convs else ""
+    note = f", each skip join followed by {convs} 3x3 conv-BN-ReLU block{'s' if convs > 1 else ''}" if convs else ""
     if cfg.full_res_filters:
         note += (f", then a full-resolution level of {cfg.full_res_filters} filters joined to a 3x3 conv"
                  " of the input")
