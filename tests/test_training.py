@@ -234,7 +234,7 @@ def test_decoder_convs_add_refine_blocks_at_every_level():
     assert refine_blocks(refined) == [f"refine_{i}_{j}" for i in range(4) for j in range(2)]
     assert refined.get_layer("refine_3_1").output.shape[-1] == 16  # the level's decoder width
     assert parse_args(["--data", "d", "--out", "o", "--preset", "best", "--decoder-convs", "2"])[0].decoder_convs == 2
-    assert parse_args(["--data", "d", "--out", "o", "--preset", "best"])[0].decoder_convs == 1  # the preset's
+    assert parse_args(["--data", "d", "--out", "o", "--preset", "best"])[0].decoder_convs == 2  # the preset's
     with pytest.raises(SystemExit):
         parse_args(["--data", "d", "--out", "o", "--decoder-convs", "-1"])
 
