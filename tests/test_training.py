@@ -237,6 +237,8 @@ def test_decoder_convs_add_refine_blocks_at_every_level():
     assert parse_args(["--data", "d", "--out", "o", "--preset", "best"])[0].decoder_convs == 2  # the preset's
     with pytest.raises(SystemExit):
         parse_args(["--data", "d", "--out", "o", "--decoder-convs", "-1"])
+    with pytest.raises(ValueError, match="decoder_convs"):  # the config refuses it, not only the CLI
+        TrainConfig(decoder_convs=-1)
 
 
 def test_full_res_level_joins_the_input_at_full_resolution():
@@ -251,6 +253,8 @@ def test_full_res_level_joins_the_input_at_full_resolution():
     with pytest.raises(SystemExit):
         parse_args(["--data", "d", "--out", "o", "--full-res-filters", "-1"])
     assert parse_args(["--data", "d", "--out", "o", "--full-res-filters", "8"])[0].full_res_filters == 8
+    with pytest.raises(ValueError, match="full_res_filters"):
+        TrainConfig(full_res_filters=-1)
 
 
 def test_distance_head_gives_the_distance_a_branch_of_its_own():

@@ -99,6 +99,9 @@ class TrainConfig:
             raise ValueError(f"small_weight must be positive, got {self.small_weight}")
         if self.dice_weight < 0:  # a negative weight would reward the network for missing nuclei
             raise ValueError(f"dice_weight must be 0 or more, got {self.dice_weight}")
+        for name in ("decoder_convs", "full_res_filters"):  # layer counts: -1 would silently build no layer
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.rays and not self.distance_output:
             raise ValueError("rays need the distance output (distance_weight > 0): it is their object probability")
         if self.rays and self.target != "boundary":  # the service reads rays from channel 4 (service.postprocess)
