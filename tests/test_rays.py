@@ -112,6 +112,8 @@ def test_rays_need_the_distance_output_and_the_3_class_target():
         TrainConfig(rays=RAYS)
     with pytest.raises(ValueError, match="3-class"):
         TrainConfig(rays=RAYS, distance_weight=1.0, target="mask")
+    with pytest.raises(ValueError, match="rays must be 0 or more"):  # -1 would still count as "has rays"
+        TrainConfig(rays=-1, distance_weight=1.0)
     with pytest.raises(SystemExit):  # a usage error, before any data loads
         parse_args(["--data", "d", "--out", "o", "--preset", "best", "--rays", "32"])
     config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best", "--rays", "32", "--distance-weight", "1"])

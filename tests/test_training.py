@@ -267,6 +267,8 @@ def test_distance_head_gives_the_distance_a_branch_of_its_own():
     assert own(np.zeros((1, 64, 96, 3), np.float32)).shape == (1, 64, 96, 4)
     with pytest.raises(SystemExit):  # a clear argparse error, not a silently odd network
         parse_args(["--data", "d", "--out", "o", "--distance-head", "-1"])
+    with pytest.raises(ValueError, match="distance_head"):  # a metadata file is checked like the CLI
+        TrainConfig(distance_weight=1.0, distance_head=-1)
     # without the distance output, a head setting changes nothing
     plain = build_unet(tiny_config("best").override(distance_weight=0.0, distance_head=2))
     assert plain.count_params() == build_unet(tiny_config("best").override(distance_weight=0.0)).count_params()

@@ -99,7 +99,9 @@ class TrainConfig:
             raise ValueError(f"small_weight must be positive, got {self.small_weight}")
         if self.dice_weight < 0:  # a negative weight would reward the network for missing nuclei
             raise ValueError(f"dice_weight must be 0 or more, got {self.dice_weight}")
-        for name in ("decoder_convs", "full_res_filters"):  # layer counts: -1 would silently build no layer
+        # the counts that the CLI's non_negative type guards: -1 would silently build no layer (range(-1) is
+        # empty) or, for rays, take a channel away from the output while still counting as "has rays"
+        for name in ("decoder_convs", "full_res_filters", "distance_head", "rays"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.rays and not self.distance_output:
