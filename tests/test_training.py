@@ -215,6 +215,29 @@ def test_augmentation_keeps_image_and_mask_aligned():
         assert set(np.unique(y)) <= {0, 1}
 
 
+def test_gaussian_blur_keeps_flat_images_and_smooths_noise():
+    flat = tf.fill([32, 40, 3], 0.4)
+    np.testing.assert_allclose(augment.gaussian_blur(flat, tf.constant(1.5)).numpy(), 0.4, atol=1e-5)
+    noise = tf.constant(np.random.default_rng(0).random((64, 64, 3)), tf.float32)
+    blurred = augment.gaussian_blur(noise, tf.constant(1.5)).numpy()
+    assert blurred.shape == (64, 64, 3)
+    assert blurred.std() < 0.5 * noise.numpy().std()  # a 1.5-px blur averages ~30 pixels
+    assert abs(blurred.mean() - noise.numpy().mean()) < 0.01
+
+
+def test_acquisition_artefacts_change_some_crops_and_stay_in_range():
+    tf.random.set_seed(0)
+    image = tf.constant(np.kron(np.random.default_rng(1).random((8, 8, 1)) > 0.5, np.ones((8, 8, 3))), tf.float32)
+    outputs = [augment.acquisition_artefacts(image).numpy() for _ in range(12)]
+    assert all(o.shape == (64, 64, 3) and o.min() >= 0.0 and o.max() <= 1.0 for o in outputs)
+    changed = [np.abs(o - image.numpy()).mean() > 1e-3 for o in outputs]
+    assert 3 <= sum(changed) <= 11  # each of three artefacts a third of the time: most crops, not all
+    with pytest.raises(ValueError, match="artefacts"):
+        TrainConfig(artefacts=True)  # without the colour augmentation they would silently do nothing
+    config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best", "--artefacts"])
+    assert config.artefacts and not preset("best").artefacts
+
+
 def test_model_output_shape_fixed_and_any_size():
     ref = build_unet(tiny_config("reference"))
     assert ref.output_shape == (None, 64, 64, 2)

@@ -81,6 +81,7 @@ class TrainConfig:
     flip: bool = True
     colour: bool = False  # intensity / inversion / grayscale / hue jitter
     stain: bool = False  # also H&E (HED optical density) stain jitter, half the time (needs colour)
+    artefacts: bool = False  # also defocus blur, strong noise and JPEG compression, each a third of the time
     balance_modalities: bool = False  # oversample the rare bright-field and H&E images
     balance_power: float = 0.5  # with balance: a modality of n images gets a share of the crops ~ n ** (1 - power)
     # 1.0 (equal shares) scored 0.603 / AP@0.5 0.811 vs 0.608 / 0.817 (block_3_expand recipe), lower on every
@@ -97,6 +98,8 @@ class TrainConfig:
             raise ValueError(f"zoom must be non-negative, got {self.zoom}")
         if self.small_weight <= 0:  # zero would silently drop small nuclei from the loss
             raise ValueError(f"small_weight must be positive, got {self.small_weight}")
+        if self.artefacts and not self.colour:  # they are part of the photometric augmentation
+            raise ValueError("artefacts need the colour augmentation (colour=True)")
         if self.dice_weight < 0:  # a negative weight would reward the network for missing nuclei
             raise ValueError(f"dice_weight must be 0 or more, got {self.dice_weight}")
         # the counts that the CLI's non_negative type guards: -1 would silently build no layer (range(-1) is

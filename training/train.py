@@ -223,6 +223,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                         help="keep the encoder's BatchNorm layers fixed, in inference mode, while it is fine-tuned")
     parser.add_argument("--balance-power", type=float,
                         help="modality balance: a modality of n images gets crops ~ n ** (1 - power); 1: equal shares")
+    parser.add_argument("--artefacts", action=argparse.BooleanOptionalAction, default=None,
+                        help="augment with defocus blur, strong noise and JPEG compression (needs colour jitter)")
     parser.add_argument("--small-weight", type=float,
                         help="loss weight factor on nuclei under half their image's median area (1: none)")
     parser.add_argument("--dice-weight", type=float,
@@ -260,6 +262,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
             freeze_encoder_bn=args.freeze_encoder_bn, rays=args.rays, ray_weight=args.ray_weight,
             canonical_diameter=args.canonical_diameter, zoom=args.zoom, boundary_width=args.boundary_width,
             dice_weight=args.dice_weight, decoder_convs=args.decoder_convs,
+            artefacts=args.artefacts,
         )
     except ValueError as error:  # settings that contradict each other
         parser.error(str(error))
