@@ -8,6 +8,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.model import SegmentationModel
@@ -17,6 +18,8 @@ from training.data import load_dataset
 from training.evaluate import main as evaluate_main
 from training.evaluate import SEED_GRID, SIGMA_GRID, evaluate_model, tune_thresholds
 from training.matching import score_image
+from training.robustness import CHANGES
+from training.robustness import main as robustness_main
 from training.report import fine_tune_note, sampling_note, write_report
 
 
@@ -82,3 +85,36 @@ def test_cli_reports_bad_input_without_a_traceback(tile_model_dir: Path, tmp_pat
     with pytest.raises(SystemExit, match="no sample folders"):  # a data folder without images
         evaluate_main(["--model", str(tile_model_dir), "--data", str(tmp_path), "--out", str(tmp_path / "b")])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_robustness_scores_each_change_through_the_service_path(tile_model_dir: Path, dataset_dir: Path,
+                                                                tmp_path: Path):
+    out = tmp_path / "robustness.md"
+    robustness_main(["--model", str(tile_model_dir), "--data", str(dataset_dir), "--changes", "none", "invert",
+                     "--out", str(out)])
+    text = out.read_text()
+    assert "`none`: the image as stored" in text and "`invert`: inverted" in text
+    table = [line for line in text.splitlines() if line.startswith("| none") or line.startswith("| invert")]
+    assert len(table) == 2
+    # the unchanged row is the evaluation's own score of the same model
+    summary = evaluate_model(tile_model_dir, dataset_dir, tmp_path / "eval")
+    assert table[0].split(" | ")[2] == f"{summary['dsb_score']:.3f}"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_robustness_changes_keep_the_image_format():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 50, 3)).astype(np.uint8)
+    for name, (_, change) in CHANGES.items():
+        changed = change(image, np.random.default_rng(1))
+        assert changed.shape == image.shape and changed.dtype == np.uint8, name
+        assert (name == "none") == np.array_equal(changed, image), name
+    noise = CHANGES["noise_8"][1]  # seeded per image: the same image gets the same noise in every run
+    assert np.array_equal(noise(image, np.random.default_rng([0, 3])), noise(image, np.random.default_rng([0, 3])))
+
+
+def test_robustness_reports_bad_input_without_a_traceback(tmp_path: Path):
+    out = tmp_path / "r.md"
+    with pytest.raises(SystemExit, match="model folder not found"):
+        robustness_main(["--model", str(tmp_path / "absent"), "--data", str(tmp_path), "--out", str(out)])
+    assert not out.exists()

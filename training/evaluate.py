@@ -15,6 +15,7 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -58,16 +59,7 @@ def evaluate_model(model_dir: Path, data_dir: Path, out_dir: Path, split: str = 
     model.warm()
     dataset = split_samples(model, data_dir, split)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows, predictions = [], {}
-    for sample in dataset.samples:
-        start = time.perf_counter()
-        result = segment(sample.image, model, options)
-        seconds = time.perf_counter() - start
-        score = score_image(sample.labels, result.labels)
-        predictions[sample.id] = result.labels
-        rows.append({"id": sample.id, "modality": modality(sample.image), "height": sample.image.shape[0],
-                     "width": sample.image.shape[1], "scale": round(result.scale, 3), "seconds": round(seconds, 3),
-                     **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(score).items()}})
+    rows, predictions = score_samples(dataset, model, options)
     summary = summarise(rows)
     summary.update({"model": str(model_dir), "split": split, "options": asdict(options)})
     write_csv(rows, out_dir / "per_image.csv")
@@ -76,6 +68,27 @@ def evaluate_model(model_dir: Path, data_dir: Path, out_dir: Path, split: str = 
     (out_dir / "report.md").write_text(markdown_report(summary, rows))
     print(markdown_table([summary_row("model", summary)]))
     return summary
+
+
+def score_samples(dataset: NucleiDataset, model: SegmentationModel, options: SegmentOptions = SegmentOptions(),
+                  change: Callable[[np.ndarray, int], np.ndarray] | None = None) -> tuple[list[dict], dict]:
+    """Segment and score every image: (one row per image, predicted labels by id).
+
+    ``change(image, index)`` alters each image before it is segmented (``training.robustness``);
+    the truth, and the modality recorded for the row, are the original image's.
+    """
+    rows, predictions = [], {}
+    for index, sample in enumerate(dataset.samples):
+        image = sample.image if change is None else change(sample.image, index)
+        start = time.perf_counter()
+        result = segment(image, model, options)
+        seconds = time.perf_counter() - start
+        score = score_image(sample.labels, result.labels)
+        predictions[sample.id] = result.labels
+        rows.append({"id": sample.id, "modality": modality(sample.image), "height": sample.image.shape[0],
+                     "width": sample.image.shape[1], "scale": round(result.scale, 3), "seconds": round(seconds, 3),
+                     **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(score).items()}})
+    return rows, predictions
 
 
 def summarise(rows: list[dict]) -> dict:
