@@ -26,6 +26,7 @@ import numpy as np
 
 from benchmarks.harness import ROOT, big_image, real_images
 from benchmarks.serve_bench import RecordingModel, loaded_model
+from training.export import write_text_atomic
 
 TILE_SIDES = (256, 512, 704)  # 704: the largest side within the default budget of 8 tiles of 256 px
 #: (label, max tile side, tiles sized to the image); the first is the rule before tiles were sized
@@ -140,9 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {name} | {cells} | {ratios} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(args.out)
+    write_text_atomic(args.out, text)
     print(text)
 
 

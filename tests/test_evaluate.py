@@ -20,7 +20,7 @@ from training.evaluate import SEED_GRID, SIGMA_GRID, evaluate_model, tune_thresh
 from training.matching import score_image
 from training.robustness import CHANGES
 from training.robustness import main as robustness_main
-from training.report import fine_tune_note, sampling_note, write_report
+from training.report import fine_tune_note, photometric_note, sampling_note, write_report
 
 
 def test_evaluate_writes_report_and_scores_the_service_path(tile_model_dir: Path, dataset_dir: Path, tmp_path: Path):
@@ -118,3 +118,10 @@ def test_robustness_reports_bad_input_without_a_traceback(tmp_path: Path):
     with pytest.raises(SystemExit, match="model folder not found"):
         robustness_main(["--model", str(tmp_path / "absent"), "--data", str(tmp_path), "--out", str(out)])
     assert not out.exists()
+
+
+def test_report_recipe_names_the_optional_photometric_augmentations():
+    best = preset("best")
+    assert photometric_note(best) == ", H&E stain (HED optical density) jitter"
+    assert photometric_note(replace(best, artefacts=True)).endswith(", defocus blur, strong noise and JPEG compression")
+    assert photometric_note(replace(best, stain=False)) == ""

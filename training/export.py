@@ -117,6 +117,11 @@ def update_metadata(model_dir: Path, updates: dict[str, Any]) -> None:
     path = Path(model_dir) / METADATA_FILE
     metadata = json.loads(path.read_text())
     metadata.update(updates)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+    write_text_atomic(path, json.dumps(metadata, indent=2, sort_keys=True, default=str))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a temp file beside it, then a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)

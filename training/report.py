@@ -96,6 +96,12 @@ def fine_tune_note(cfg: TrainConfig) -> str:
     return f"{part} (its trainable BatchNorm layers normalising by each batch's statistics in training)"
 
 
+def photometric_note(cfg: TrainConfig) -> str:
+    """The optional photometric augmentations a run had, after the ones every preset run has."""
+    return (", H&E stain (HED optical density) jitter" if cfg.stain else "") + (
+        ", defocus blur, strong noise and JPEG compression" if cfg.artefacts else "")
+
+
 def sampling_note(cfg: TrainConfig) -> str:
     """How crops were drawn across modalities."""
     if not cfg.balance_modalities:
@@ -184,7 +190,7 @@ time over the validation images on the 2-core machine, during the evaluation run
   decoder of pix2pix upsample blocks of
   {cfg.decoder_filters} filters{decoder_note(cfg)}; Adam {cfg.learning_rate} with cosine decay; augmentation:
   rotation, log-uniform zoom x/÷{1 + cfg.zoom}, flips, inversion, grayscale, channel shuffle, hue,
-  saturation, contrast, gamma, noise{', H&E stain (HED optical density) jitter' if cfg.stain else ''};
+  saturation, contrast, gamma, noise{photometric_note(cfg)};
   {sampling_note(cfg)}; per-image
   percentile intensity stretch shared by training and serving. Precision:
   {cfg.precision} during training; the exported network computes in float32.

@@ -27,6 +27,7 @@ from scipy import ndimage as ndi
 from service.model import ModelLoadError, SegmentationModel
 from training.data import DataError
 from training.evaluate import markdown_table, score_samples, split_samples, summarise
+from training.export import write_text_atomic
 from training.split import MODALITIES
 
 Change = Callable[[np.ndarray, np.random.Generator], np.ndarray]
@@ -87,7 +88,8 @@ def measure(model_dir: Path, data_dir: Path, names: list[str], seed: int = 0) ->
 def report(rows: list[dict], command: str) -> str:
     """Markdown: the command, what each change simulates, and the table (changes x models)."""
     used = dict.fromkeys(r["change"] for r in rows)
-    lines = [f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M')}).", "",
+    lines = ["# Robustness: the validation split under acquisition changes", "",
+             f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M')}).", "",
              *[f"- `{name}`: {CHANGES[name][0]}" for name in used], "",
              markdown_table(sorted(rows, key=lambda r: list(used).index(r["change"])))]
     return "\n".join(lines) + "\n"
@@ -107,10 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, ModelLoadError) as error:  # the user's input, not a bug: a message, no traceback
         sys.exit(f"error: {error}")
     text = report(rows, "python -m training.robustness " + " ".join(sys.argv[1:] if argv is None else argv))
-    if args.out:  # whole or not at all
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+    if args.out:
+        write_text_atomic(args.out, text)
     print(text)
 
 
