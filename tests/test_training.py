@@ -82,6 +82,26 @@ def test_boundary_target_separates_touching_nuclei():
     assert ndi.label(interior)[1] == 2  # interiors of touching nuclei do not touch
 
 
+def test_cores_give_small_nuclei_an_interior_and_leave_large_ones_alone():
+    from scipy import ndimage as ndi
+
+    labels = np.zeros((30, 40), np.int32)
+    labels[2:5, 2:5] = 1  # 3x3: a 2-px rim swallows it whole
+    labels[10:13, 10:13] = 2
+    labels[10:13, 13:16] = 3  # touching 2 along a whole side
+    labels[15:29, 20:34] = 4  # 14x14: plenty of interior already
+    plain = CLASS_OF_CODE[boundary_target(labels, width=2)]
+    assert not (plain[labels == 1] == 1).any() and not (plain[labels == 2] == 1).any()
+    cored = CLASS_OF_CODE[boundary_target(labels, width=2, core=1)]
+    assert cored[3, 3] == 1 and (cored[labels == 1] == 1).sum() == 1  # the deepest pixel, the centre
+    assert (CLASS_OF_CODE[boundary_target(labels, width=2, core=9)][labels == 1] == 1).all()  # 9 px: all of it
+    many = CLASS_OF_CODE[boundary_target(labels, width=2, core=9)]
+    assert (many[10:13, 12:14] == 2).all()  # the columns where 2 and 3 touch stay boundary ...
+    assert ndi.label(many[8:15, 8:18] == 1)[1] == 2  # ... so the two get two separate cores
+    assert ((many == plain) | (labels != 4)).all()  # a large nucleus' target is unchanged
+    assert (make_target(labels, "boundary", 2, core=9)[..., 0] == boundary_target(labels, 2, core=9)).all()
+
+
 def test_gap_between_close_nuclei_is_marked_but_lone_background_is_not():
     labels = np.zeros((20, 40), np.int32)
     labels[5:15, 5:15] = 1
@@ -480,3 +500,13 @@ def test_boundary_width_flag_sets_the_target_rim():
         parse_args(["--data", "d", "--out", "o", "--preset", "best", "--boundary-width", "0"])
     with pytest.raises(ValueError, match="boundary_width"):
         TrainConfig(boundary_width=0)
+
+
+def test_core_pixels_flag_sets_the_target_cores():
+    assert parse_args(["--data", "d", "--out", "o", "--preset", "best"])[0].core_pixels == 0
+    config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best", "--core-pixels", "9"])
+    assert config.core_pixels == 9
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "d", "--out", "o", "--preset", "best", "--core-pixels", "-1"])
+    with pytest.raises(ValueError, match="core_pixels"):
+        TrainConfig(core_pixels=-1)

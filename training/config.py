@@ -26,6 +26,8 @@ class TrainConfig:
     input_scale: Literal["unit", "symmetric"] = "unit"  # x/255 or x/127.5 - 1 inside the model
     target: Literal["mask", "boundary"] = "mask"  # 2 classes, or background/interior/boundary
     boundary_width: int = 2
+    core_pixels: int = 0  # >0: every nucleus keeps at least this many interior pixels in the target (its deepest),
+    #   where the rims would swallow it whole (training.targets.keep_cores); 0: rims as they fall
     # the preset's 2 px: 3 scored 0.606 / AP@0.5 0.818 and 1 0.604 / 0.811 vs 0.607 / 0.817 (docs/training.md)
     canonical_diameter: float | None = None  # rescale every image so nuclei have this diameter (px)
     # the preset's 20 px: 24 scored 0.596 / AP@0.5 0.806 and 16 0.590 / 0.806 vs 0.607 / 0.817 (docs/training.md)
@@ -106,7 +108,7 @@ class TrainConfig:
             raise ValueError(f"dice_weight must be 0 or more, got {self.dice_weight}")
         # the counts that the CLI's non_negative type guards: -1 would silently build no layer (range(-1) is
         # empty) or, for rays, take a channel away from the output while still counting as "has rays"
-        for name in ("decoder_convs", "full_res_filters", "distance_head", "rays"):
+        for name in ("decoder_convs", "full_res_filters", "distance_head", "rays", "core_pixels"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.rays and not self.distance_output:

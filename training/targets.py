@@ -53,11 +53,12 @@ def code_weights(boundary: float, contact: float, small: float) -> np.ndarray:
     return np.concatenate([base, small * base[1:SMALL]])
 
 
-def boundary_target(labels: np.ndarray, width: int = 2) -> np.ndarray:
+def boundary_target(labels: np.ndarray, width: int = 2, core: int = 0) -> np.ndarray:
     """3-class target: the outer ``width`` pixels of every nucleus are class 2, the rest class 1.
 
     Where two nuclei touch, both rims are boundary, so the interiors never touch; those rims are
     coded ``CONTACT`` and the background between nuclei closer than ``width`` pixels ``GAP``.
+    With ``core`` > 0 every nucleus keeps at least that many interior pixels (see ``keep_cores``).
     Every pixel of a small nucleus (see ``small_nuclei``) gets ``SMALL`` added to its code.
     """
     inside = labels > 0
@@ -69,8 +70,38 @@ def boundary_target(labels: np.ndarray, width: int = 2) -> np.ndarray:
     near_other, between = contacts(labels, width)
     target[edges & near_other] = CONTACT
     target[between] = GAP
+    if core > 0:
+        target[keep_cores(labels, target == 1, core)] = 1
     target[small_nuclei(labels)] += SMALL
     return target
+
+
+def keep_cores(labels: np.ndarray, interior: np.ndarray, count: int) -> np.ndarray:
+    """Pixels that become interior so that every nucleus has at least ``count`` of them.
+
+    A rim of ``width`` px swallows a nucleus a few px across whole. With no interior in its target
+    the network learns to give such a nucleus no seed, and the watershed drops it: 85% of the
+    validation nuclei whose target had no interior were missed by the model shipped before this
+    option (docs/training.md). Such a nucleus gets its ``count`` deepest pixels (distance to its own
+    edge, ties kept) as interior; pixels beside another nucleus stay boundary, so two touching
+    small nuclei still get two separate seeds.
+    """
+    labels = labels.astype(np.int64, copy=False)
+    have = np.bincount(labels[interior], minlength=int(labels.max()) + 1)
+    present = np.bincount(labels.ravel(), minlength=have.size) > 0
+    cores = np.zeros(labels.shape, bool)
+    beside_other = contacts(labels, 1)[0]
+    for index, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is None or not present[index] or have[index] >= count:
+            continue
+        box = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)  # 1 px of context: edges count
+        own = labels[box] == index
+        depth = ndi.distance_transform_edt(np.pad(own, 1))[1:-1, 1:-1]
+        depth[~own | beside_other[box]] = 0.0
+        candidates = np.sort(depth[depth > 0])[::-1]
+        if candidates.size:
+            cores[box] |= depth >= candidates[min(count, candidates.size) - 1]
+    return cores
 
 
 def small_nuclei(labels: np.ndarray) -> np.ndarray:
@@ -119,7 +150,7 @@ def distance_target(labels: np.ndarray) -> np.ndarray:
 
 
 def make_target(labels: np.ndarray, kind: str, width: int = 2, distance: bool = False,
-                rays: bool = False) -> np.ndarray:
+                rays: bool = False, core: int = 0) -> np.ndarray:
     """Dispatch on the configured target kind: ``(H, W, C)`` codes [, distance] [, label low/high byte].
 
     Always channels-last, so augmentation, padding and the loss see one layout whatever the recipe.
@@ -127,7 +158,7 @@ def make_target(labels: np.ndarray, kind: str, width: int = 2, distance: bool = 
     if kind == "mask":
         codes = mask_target(labels)
     elif kind == "boundary":
-        codes = boundary_target(labels, width)
+        codes = boundary_target(labels, width, core)
     else:
         raise ValueError(f"unknown target kind {kind!r}")
     channels = [codes] + ([distance_target(labels)] if distance else [])

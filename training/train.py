@@ -63,7 +63,7 @@ def prepare(dataset: NucleiDataset, config: TrainConfig, groups: dict[str, str])
         labels = resize_image(labels, size, nearest=True)
         images.append(image)
         targets.append(make_target(labels, config.target, config.boundary_width, config.distance_output,
-                                   rays=config.rays > 0))
+                                   rays=config.rays > 0, core=config.core_pixels))
     return Prepared(dataset.ids, images, targets, [groups[i] for i in dataset.ids])
 
 
@@ -240,6 +240,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                         help="nucleus diameter (px) every image is rescaled to, in training and serving")
     parser.add_argument("--boundary-width", type=int,
                         help="3-class target: rim of each nucleus, in px at the canonical size, that is boundary")
+    parser.add_argument("--core-pixels", type=non_negative,
+                        help="3-class target: every nucleus keeps at least this many interior pixels (0: none)")
     parser.add_argument("--zoom", type=float,
                         help="zoom augmentation: scale factors log-uniform between 1/(1+Z) and 1+Z (0: none)")
     parser.add_argument("--decoder-convs", type=non_negative,
@@ -262,7 +264,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
             freeze_encoder_bn=args.freeze_encoder_bn, rays=args.rays, ray_weight=args.ray_weight,
             canonical_diameter=args.canonical_diameter, zoom=args.zoom, boundary_width=args.boundary_width,
             dice_weight=args.dice_weight, decoder_convs=args.decoder_convs,
-            artefacts=args.artefacts,
+            artefacts=args.artefacts, core_pixels=args.core_pixels,
         )
     except ValueError as error:  # settings that contradict each other
         parser.error(str(error))
