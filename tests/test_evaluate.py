@@ -20,7 +20,7 @@ from training.evaluate import SEED_GRID, SIGMA_GRID, evaluate_model, tune_thresh
 from training.matching import score_image
 from training.robustness import CHANGES
 from training.robustness import main as robustness_main
-from training.report import fine_tune_note, photometric_note, sampling_note, write_report
+from training.report import core_note, fine_tune_note, photometric_note, sampling_note, write_report
 
 
 def test_evaluate_writes_report_and_scores_the_service_path(tile_model_dir: Path, dataset_dir: Path, tmp_path: Path):
@@ -125,3 +125,8 @@ def test_report_recipe_names_the_optional_photometric_augmentations():
     assert photometric_note(best) == ", H&E stain (HED optical density) jitter"
     assert photometric_note(replace(best, artefacts=True)).endswith(", defocus blur, strong noise and JPEG compression")
     assert photometric_note(replace(best, stain=False)) == ""
+
+
+def test_report_recipe_names_the_kept_cores():
+    assert core_note(preset("best")) == ""
+    assert "its 9 deepest pixels" in core_note(replace(preset("best"), core_pixels=9))

@@ -28,6 +28,8 @@ class TrainConfig:
     boundary_width: int = 2
     core_pixels: int = 0  # >0: every nucleus keeps at least this many interior pixels in the target (its deepest),
     #   where the rims would swallow it whole (training.targets.keep_cores); 0: rims as they fall
+    #   9 scored 0.612 / AP@0.5 0.819 vs 0.614 / 0.823, and the tiny nuclei stayed missed (docs/training.md),
+    #   so the preset keeps 0
     # the preset's 2 px: 3 scored 0.606 / AP@0.5 0.818 and 1 0.604 / 0.811 vs 0.607 / 0.817 (docs/training.md)
     canonical_diameter: float | None = None  # rescale every image so nuclei have this diameter (px)
     # the preset's 20 px: 24 scored 0.596 / AP@0.5 0.806 and 16 0.590 / 0.806 vs 0.607 / 0.817 (docs/training.md)

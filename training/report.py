@@ -86,6 +86,11 @@ def extra_weight_note(cfg: TrainConfig) -> str:
     return "".join(f", times {weight} {where}" for weight, where in notes if weight != 1.0)
 
 
+def core_note(cfg: TrainConfig) -> str:
+    """The interior every nucleus keeps however small, where the recipe used it (empty otherwise)."""
+    return f", every nucleus keeping at least its {cfg.core_pixels} deepest pixels as interior" if cfg.core_pixels else ""
+
+
 def fine_tune_note(cfg: TrainConfig) -> str:
     """Which part of the encoder was trained, and how its BatchNorm layers behaved in training."""
     if not cfg.fine_tune:
@@ -185,7 +190,7 @@ time over the validation images on the 2-core machine, during the evaluation run
   evaluation is in `metrics.json`. {m['parameters']['trainable']:,} trainable of
   {m['parameters']['total']:,} parameters.
 - Recipe: every image rescaled so its median nucleus is {cfg.canonical_diameter} px across;
-  targets background / interior / boundary ({cfg.boundary_width} px rims, boundary loss weight
+  targets background / interior / boundary ({cfg.boundary_width} px rims{core_note(cfg)}, boundary loss weight
   {cfg.boundary_weight}{extra_weight_note(cfg)}){distance_note(cfg)}; ImageNet MobileNetV2 encoder {fine_tune_note(cfg)};
   decoder of pix2pix upsample blocks of
   {cfg.decoder_filters} filters{decoder_note(cfg)}; Adam {cfg.learning_rate} with cosine decay; augmentation:
