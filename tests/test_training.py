@@ -510,3 +510,5 @@ def test_core_pixels_flag_sets_the_target_cores():
         parse_args(["--data", "d", "--out", "o", "--preset", "best", "--core-pixels", "-1"])
     with pytest.raises(ValueError, match="core_pixels"):
         TrainConfig(core_pixels=-1)
+    with pytest.raises(ValueError, match="core_pixels"):
+        TrainConfig(core_pixels=9, target="mask")  # a 2-class mask has no interior: the option would do nothing

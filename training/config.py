@@ -26,11 +26,11 @@ class TrainConfig:
     input_scale: Literal["unit", "symmetric"] = "unit"  # x/255 or x/127.5 - 1 inside the model
     target: Literal["mask", "boundary"] = "mask"  # 2 classes, or background/interior/boundary
     boundary_width: int = 2
+    # the preset's 2 px: 3 scored 0.606 / AP@0.5 0.818 and 1 0.604 / 0.811 vs 0.607 / 0.817 (docs/training.md)
     core_pixels: int = 0  # >0: every nucleus keeps at least this many interior pixels in the target (its deepest),
     #   where the rims would swallow it whole (training.targets.keep_cores); 0: rims as they fall
     #   9 scored 0.612 / AP@0.5 0.819 vs 0.614 / 0.823, and the tiny nuclei stayed missed (docs/training.md),
     #   so the preset keeps 0
-    # the preset's 2 px: 3 scored 0.606 / AP@0.5 0.818 and 1 0.604 / 0.811 vs 0.607 / 0.817 (docs/training.md)
     canonical_diameter: float | None = None  # rescale every image so nuclei have this diameter (px)
     # the preset's 20 px: 24 scored 0.596 / AP@0.5 0.806 and 16 0.590 / 0.806 vs 0.607 / 0.817 (docs/training.md)
     # model
@@ -113,6 +113,8 @@ class TrainConfig:
         for name in ("decoder_convs", "full_res_filters", "distance_head", "rays", "core_pixels"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.core_pixels and self.target != "boundary":  # the 2-class mask has no interior to keep
+            raise ValueError("core_pixels needs the 3-class boundary target")
         if self.rays and not self.distance_output:
             raise ValueError("rays need the distance output (distance_weight > 0): it is their object probability")
         if self.rays and self.target != "boundary":  # the service reads rays from channel 4 (service.postprocess)
