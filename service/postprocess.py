@@ -24,6 +24,8 @@ class PostprocessParams:
     seed_threshold: float = 0.5  # P(interior), or the distance output where present, above this seeds a nucleus
     min_size: int = 10  # nuclei (and seeds) smaller than this many pixels are dropped
     seed_sigma: float = 0.0  # Gaussian smoothing (px) of P(interior) before seeding: fewer spurious splits
+    border_min_size: int = 0  # >0: foreground at the image's edge that no seed reached, in pieces of at least
+    #   this many pixels that touch no nucleus, kept as nuclei of their own (see ``add_border_pieces``); 0: dropped
     instances: str = "watershed"  # with StarDist rays: "polygons", or "polygons_in_foreground" (see below)
     candidate_threshold: float = 0.5  # StarDist: pixels whose distance output exceeds this propose a polygon
     nms_threshold: float = 0.4  # StarDist polygons overlapping an accepted one by more IoU than this are dropped
@@ -106,7 +108,34 @@ def instances_from_probabilities(probs: np.ndarray, params: PostprocessParams) -
         seeds = remove_small_objects(seed_map > params.seed_threshold, max_size=max(0, params.min_size // 4 - 1))
         seeds = connected_components(seeds, connectivity=1)
         labels = watershed(-seed_map, markers=seeds, mask=foreground)
+        if params.border_min_size > 0:
+            labels = add_border_pieces(labels, foreground, params.border_min_size)
     return clean_labels(labels, params.min_size)
+
+
+def add_border_pieces(labels: np.ndarray, foreground: np.ndarray, min_size: int) -> np.ndarray:
+    """Keep as nuclei the seedless foreground pieces that touch the image's edge.
+
+    A nucleus cut by the image's edge may have its middle outside the image: the network then
+    sees only its rim, predicts no interior, and the watershed, which grows nuclei from seeds
+    only, drops it. A piece of foreground at the edge that touches no nucleus and has at least
+    ``min_size`` pixels becomes a nucleus of its own. Inside the image such pieces are mostly
+    false positives (docs/training.md), so they stay dropped there.
+    """
+    pieces = connected_components(foreground & (labels == 0), connectivity=1)
+    count = int(pieces.max())
+    if count == 0:
+        return labels
+    keep = np.bincount(pieces.ravel(), minlength=count + 1) >= min_size
+    on_edge = np.zeros(count + 1, bool)
+    on_edge[np.concatenate([pieces[0], pieces[-1], pieces[:, 0], pieces[:, -1]])] = True
+    touches_nucleus = np.zeros(count + 1, bool)
+    touches_nucleus[pieces[ndi.maximum_filter(labels, size=3) > 0]] = True
+    keep &= on_edge & ~touches_nucleus
+    keep[0] = False
+    new_ids = np.zeros(count + 1, labels.dtype)
+    new_ids[keep] = np.arange(1, int(keep.sum()) + 1) + labels.max()
+    return np.where(pieces > 0, new_ids[pieces], labels).astype(labels.dtype, copy=False)
 
 
 def instances_from_polygons(probs: np.ndarray, params: PostprocessParams) -> np.ndarray:

@@ -16,7 +16,7 @@ from service.pipeline import segment
 from training.config import preset
 from training.data import load_dataset
 from training.evaluate import main as evaluate_main
-from training.evaluate import SEED_GRID, SIGMA_GRID, evaluate_model, tune_thresholds
+from training.evaluate import BORDER_GRID, SEED_GRID, SIGMA_GRID, evaluate_model, tune_thresholds
 from training.matching import score_image
 from training.robustness import CHANGES
 from training.robustness import main as robustness_main
@@ -53,6 +53,7 @@ def test_tune_thresholds_stores_them_in_metadata(tile_run: Path, dataset_dir: Pa
     served = SegmentationModel.load(model_dir).spec.postprocess
     assert (served.seed_threshold, served.seed_sigma) == (chosen["seed_threshold"], chosen["seed_sigma"])
     assert chosen["seed_threshold"] in SEED_GRID and chosen["seed_sigma"] in SIGMA_GRID
+    assert chosen["border_min_size"] in BORDER_GRID and served.border_min_size == chosen["border_min_size"]
 
 
 def test_report_is_built_from_the_runs(tile_run: Path, dataset_dir: Path, tmp_path: Path):

@@ -68,3 +68,22 @@ def test_a_distance_output_seeds_touching_nuclei_whose_interiors_run_together():
     labels = instances_from_probabilities(np.concatenate([three, distance[..., None]], -1).astype(np.float32), params)
     assert labels.max() == 2 and labels[15, 16] != labels[15, 31]
     assert np.array_equal(labels > 0, touching)  # the distance moves seeds, never the foreground
+
+
+def test_seedless_foreground_at_the_image_edge_is_kept_only_where_asked():
+    shape = (40, 60)
+    whole = disc(shape, (20, 20), 8)  # a nucleus with a seed
+    cut = disc(shape, (20, 62), 8) & ~disc(shape, (20, 62), 5)  # the rim of a nucleus whose middle is outside
+    inner_rim = disc(shape, (8, 45), 4) & ~disc(shape, (8, 45), 2)  # seedless too, but inside the image
+    sliver = np.zeros(shape, bool)
+    sliver[0, 5:9] = True  # 4 px at the edge: under any sensible minimum
+    boundary = (whole & ~disc(shape, (20, 20), 6)) | cut | inner_rim | sliver
+    probs = three_class(np.where(whole & ~boundary, 0.9, 0.0), np.where(boundary, 0.9, 0.0))
+    plain = PostprocessParams(0.5, 0.5, min_size=1)
+    assert instances_from_probabilities(probs, plain).max() == 1  # the watershed keeps the seeded nucleus only
+    labels = instances_from_probabilities(probs, PostprocessParams(0.5, 0.5, min_size=1, border_min_size=10))
+    assert labels.max() == 2 and (labels[cut] == labels[20, 55]).all() and labels[20, 55] not in (0, labels[20, 20])
+    assert not labels[inner_rim].any() and not labels[sliver].any()  # inside, or too small: still dropped
+    touching = probs.copy()  # joined to a seeded nucleus by rim, the cut one is grown into it: no second nucleus
+    touching[20, 28:56] = touching[20, 27]  # a bridge of rim from the nucleus to the cut one
+    assert instances_from_probabilities(touching, PostprocessParams(0.5, 0.5, min_size=1, border_min_size=10)).max() == 1

@@ -200,6 +200,8 @@ def test_the_report_says_how_rays_are_trained_and_decoded():
     config = preset("best").override(distance_weight=1.0, rays=32)
     assert "32 rays" in distance_note(config)
     assert "watershed seeded by" in decoding_note(PostprocessParams(), "the distance output")
+    assert "edge" not in decoding_note(PostprocessParams(), "the distance output")
+    assert "at least 50 px at the image's edge" in decoding_note(PostprocessParams(border_min_size=50), "P")
     polygons = decoding_note(PostprocessParams(instances="polygons", nms_threshold=0.3), "the distance output")
     assert "IoU 0.3" in polygons and "watershed" not in polygons
     assert "watershed gives each its pixels" in decoding_note(

@@ -34,6 +34,7 @@ FOREGROUND_GRID = (0.45, 0.55, 0.6, 0.65, 0.7, 0.75)
 SEED_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # P(interior), or the normalised distance output
 SIGMA_GRID = (0.0, 1.0)
 NMS_GRID = (0.3, 0.4, 0.5)  # StarDist's largest overlap (IoU) between two kept polygons
+BORDER_GRID = (0, 20, 30, 50, 80)  # smallest seedless piece at the image's edge kept as a nucleus (0: none)
 
 
 def split_samples(model: SegmentationModel, data_dir: Path, split: str) -> NucleiDataset:
@@ -170,8 +171,10 @@ def tune_thresholds(model_dir: Path, data_dir: Path, limit: int | None = None) -
 
     Probabilities are computed once per image (the scale chosen with the current thresholds).
     First every foreground/seed threshold pair and seed smoothing of the watershed is decoded and
-    scored; a model with StarDist rays then also tries polygon decoding (candidate threshold x NMS
-    overlap, alone or inside that foreground), and the best of all wins.
+    scored, then, with the best of them, the smallest seedless piece at the image's edge kept as
+    a nucleus (``BORDER_GRID``; a second stage, so the grid stays small). A model with StarDist
+    rays then also tries polygon decoding (candidate threshold x NMS overlap, alone or inside that
+    foreground), and the best of all wins.
     """
     model = SegmentationModel.load(model_dir)
     dataset = split_samples(model, data_dir, "validation")
@@ -181,6 +184,7 @@ def tune_thresholds(model_dir: Path, data_dir: Path, limit: int | None = None) -
     score, best = best_decoding(cached, [
         replace(base, foreground_threshold=fg, seed_threshold=seed, seed_sigma=sigma)
         for fg, seed, sigma in itertools.product(FOREGROUND_GRID, SEED_GRID, SIGMA_GRID)])
+    score, best = best_decoding(cached, [replace(best, border_min_size=size) for size in BORDER_GRID])
     if has_rays(cached[0][1]):
         for kind in INSTANCE_DECODERS[1:]:
             polygon_score, polygons = best_decoding(cached, [

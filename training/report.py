@@ -134,9 +134,11 @@ def distance_note(config: TrainConfig) -> str:
 def decoding_note(post: PostprocessParams, seed_map: str) -> str:
     """How the instances are decoded: a seeded watershed, or StarDist's polygons (alone or as markers)."""
     if post.instances == "watershed":
+        edge = (f", and seedless foreground pieces of at least {post.border_min_size} px at the image's edge (nuclei "
+                "whose middle lies outside it) are kept as nuclei" if post.border_min_size else "")
         return (f"a watershed seeded by {seed_map} > {post.seed_threshold} (smoothed with a Gaussian of "
                 f"{post.seed_sigma} px) over foreground probability > {post.foreground_threshold} separates "
-                f"touching nuclei")
+                f"touching nuclei{edge}")
     polygons = (f"star-convex polygons proposed where the distance output exceeds {post.candidate_threshold} (on a "
                 f"{RAY_GRID}-px grid), with non-maximum suppression above IoU {post.nms_threshold},")
     if post.instances == "polygons":
