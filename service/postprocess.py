@@ -119,8 +119,9 @@ def add_border_pieces(labels: np.ndarray, foreground: np.ndarray, min_size: int)
     A nucleus cut by the image's edge may have its middle outside the image: the network then
     sees only its rim, predicts no interior, and the watershed, which grows nuclei from seeds
     only, drops it. A piece of foreground at the edge that touches no nucleus and has at least
-    ``min_size`` pixels becomes a nucleus of its own. Inside the image such pieces are mostly
-    false positives (docs/training.md), so they stay dropped there.
+    ``min_size`` pixels becomes a nucleus of its own. Inside the image, keeping such pieces of
+    10 px or more lost score, and of 30-50 px it tied with this edge rule on two networks
+    (docs/training.md), so pieces inside stay dropped: the edge rule is the one with a known cause.
     """
     pieces = connected_components(foreground & (labels == 0), connectivity=1)
     count = int(pieces.max())
