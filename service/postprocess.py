@@ -120,8 +120,8 @@ def add_border_pieces(labels: np.ndarray, foreground: np.ndarray, min_size: int)
     sees only its rim, predicts no interior, and the watershed, which grows nuclei from seeds
     only, drops it. A piece of foreground at the edge that touches no nucleus and has at least
     ``min_size`` pixels becomes a nucleus of its own. Inside the image, keeping such pieces of
-    10 px or more lost score, and of 30-50 px it tied with this edge rule on two networks
-    (docs/training.md), so pieces inside stay dropped: the edge rule is the one with a known cause.
+    10 px lost score, and of 30-50 px it added nothing to this edge rule on two of three networks
+    (docs/training.md), so pieces inside stay dropped.
     """
     pieces = connected_components(foreground & (labels == 0), connectivity=1)
     count = int(pieces.max())
