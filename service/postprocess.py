@@ -136,7 +136,7 @@ def add_border_pieces(labels: np.ndarray, foreground: np.ndarray, min_size: int)
     keep[0] = False
     new_ids = np.zeros(count + 1, labels.dtype)
     new_ids[keep] = np.arange(1, int(keep.sum()) + 1) + labels.max()
-    return np.where(pieces > 0, new_ids[pieces], labels).astype(labels.dtype, copy=False)
+    return np.where(pieces > 0, new_ids[pieces], labels)  # new_ids has the labels' dtype
 
 
 def instances_from_polygons(probs: np.ndarray, params: PostprocessParams) -> np.ndarray:

@@ -80,7 +80,7 @@ def acquisition_artefacts(x: tf.Tensor) -> tf.Tensor:
     """Defocus blur, then sensor noise, then JPEG compression, each a third of the time (x in [0, 1]).
 
     Users bring out-of-focus, noisy and JPEG-saved images: on such copies of the validation split
-    the shipped model, trained without these, loses 0.046-0.059 AP@0.5, and a model trained with
+    the shipped model, trained without these, loses 0.045-0.061 AP@0.5, and a model trained with
     them 0.016-0.026, at 0.012 of DSB2018 score on the images as stored (docs/robustness.md,
     docs/training.md "Robustness to acquisition artefacts").
     """
