@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tests.synthetic import disc_labels
-from training.matching import THRESHOLDS, iou_matrix, score_image
+from training.matching import THRESHOLDS, iou_matrix, pooled_ap50, score_image
 
 SHAPE = (40, 60)
 TRUTH = disc_labels(SHAPE, [(10, 10), (10, 40), (30, 25)], 6)
@@ -33,6 +33,7 @@ def test_one_nucleus_split_in_two():
     assert s.ap50 == pytest.approx(3 / 4)  # TP 3, FP 1 (the smaller half), FN 0
     assert s.score < 0.5  # above IoU 0.55 the split nucleus is lost: TP 2, FP 2, FN 1
     assert s.n_pred == 4
+    assert (s.tp50, s.fp50, s.fn50) == (3, 1, 0)
 
 
 def test_two_nuclei_merged():
@@ -72,3 +73,16 @@ def test_gaps_in_label_numbers_are_not_nuclei():
     gappy[gappy == 2] = 7  # ids 1, 3, 7: ids 2, 4, 5, 6 are absent
     s = score_image(gappy, TRUTH)
     assert s.score == 1.0 and s.n_true == 3
+
+
+def test_pooled_ap50_weighs_every_nucleus_not_every_image():
+    perfect = score_image(TRUTH, TRUTH)  # TP 3
+    missed = TRUTH.copy()
+    missed[missed > 1] = 0
+    one_of_three = score_image(TRUTH, missed)  # TP 1, FN 2: AP@0.5 1/3
+    counts = [(s.tp50, s.fp50, s.fn50) for s in (perfect, one_of_three)]
+    assert pooled_ap50(counts) == pytest.approx(4 / 6)  # (3 + 1) / (3 + 1 + 2)
+    assert (perfect.ap50 + one_of_three.ap50) / 2 == pytest.approx(2 / 3)  # the per-image mean
+    small = score_image(TRUTH[:, :18], missed[:, :18])  # one true nucleus, found: AP@0.5 1
+    assert pooled_ap50([(small.tp50, small.fp50, small.fn50), counts[1]]) == pytest.approx(2 / 4)
+    assert pooled_ap50([]) == 1.0
