@@ -16,7 +16,7 @@ from service.pipeline import segment
 from training.config import preset
 from training.data import load_dataset
 from training.evaluate import main as evaluate_main
-from training.evaluate import BORDER_GRID, SEED_GRID, SIGMA_GRID, evaluate_model, tune_thresholds
+from training.evaluate import BORDER_GRID, SEED_GRID, SIGMA_GRID, evaluate_model, split_samples, tune_thresholds
 from training.matching import score_image
 from training.robustness import CHANGES
 from training.robustness import main as robustness_main
@@ -42,6 +42,16 @@ def test_evaluate_writes_report_and_scores_the_service_path(tile_model_dir: Path
     tp, errors = (sum(int(r[k]) for r in rows for k in keys) for keys in (["tp50"], ["tp50", "fp50", "fn50"]))
     assert summary["pooled_ap50"] == pytest.approx(tp / errors)
     assert "Pooled AP@0.5" in (out / "report.md").read_text()
+
+
+def test_training_split_is_every_image_the_validation_split_leaves_out(tile_model_dir: Path, dataset_dir: Path):
+    model = SegmentationModel.load(tile_model_dir)
+    validation = {s.id for s in split_samples(model, dataset_dir, "validation").samples}
+    training = {s.id for s in split_samples(model, dataset_dir, "training").samples}
+    assert training and validation and not training & validation
+    assert training | validation == {s.id for s in load_dataset(dataset_dir).samples}
+    with pytest.raises(ValueError, match="unknown split"):
+        split_samples(model, dataset_dir, "test")
 
 
 def test_tune_thresholds_stores_them_in_metadata(tile_run: Path, dataset_dir: Path, tmp_path: Path):

@@ -37,12 +37,16 @@ NMS_GRID = (0.3, 0.4, 0.5)  # StarDist's largest overlap (IoU) between two kept 
 BORDER_GRID = (0, 20, 30, 50, 80)  # smallest seedless piece at the image's edge kept as a nucleus (0: none)
 
 
+SPLITS = ("validation", "training", "all")
+
+
 def split_samples(model: SegmentationModel, data_dir: Path, split: str) -> NucleiDataset:
-    """The images of ``split`` ("validation" from the model's metadata, or "all")."""
+    """The images of ``split``: "validation" as the model's metadata records it, "training" (the
+    rest of ``data_dir``: how well the model fits images it was trained on), or "all"."""
     if split == "all":
         return load_dataset(data_dir)
-    if split != "validation":
-        raise ValueError(f"unknown split {split!r} (validation or all)")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} ({', '.join(SPLITS)})")
     ids = model.spec.metadata.get("split", {}).get("validation_ids")
     if not ids:
         raise ModelLoadError(f"model {model.model_dir} records no validation split; use --split all")
@@ -50,6 +54,8 @@ def split_samples(model: SegmentationModel, data_dir: Path, split: str) -> Nucle
     missing = [i for i in ids if i not in by_name]
     if missing:
         raise DataError(f"{len(missing)} validation ids not in {data_dir}, e.g. {missing[0]}")
+    if split == "training":
+        ids = sorted(set(by_name) - set(ids))
     return NucleiDataset([load_sample(by_name[i]) for i in ids])
 
 
@@ -226,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="exported model folder")
     parser.add_argument("--data", type=Path, required=True, help="DSB2018 folder in Kaggle layout")
-    parser.add_argument("--split", default="validation", choices=["validation", "all"])
+    parser.add_argument("--split", default="validation", choices=SPLITS,
+                        help="validation (default), training (the rest of --data: does the model fit it?) or all")
     parser.add_argument("--out", type=Path, help="report folder (default: MODEL/../evaluation)")
     parser.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=None,
                         help="native-resolution tiles (default: the model's mode); --no-tiling resizes")
