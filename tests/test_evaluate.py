@@ -39,8 +39,8 @@ def test_evaluate_writes_report_and_scores_the_service_path(tile_model_dir: Path
     assert float(rows[0]["score"]) == round(expected, 4)
     summary = json.loads((out / "summary.json").read_text())
     assert 0.0 <= summary["dsb_score"] <= 1.0 and summary["images"] == len(rows)
-    tp, errors = (sum(int(r[k]) for r in rows for k in keys) for keys in (["tp50"], ["tp50", "fp50", "fn50"]))
-    assert summary["pooled_ap50"] == pytest.approx(tp / errors)
+    tp, total = (sum(int(r[k]) for r in rows for k in keys) for keys in (["tp50"], ["tp50", "fp50", "fn50"]))
+    assert summary["pooled_ap50"] == pytest.approx(tp / total)
     assert "Pooled AP@0.5" in (out / "report.md").read_text()
 
 

@@ -35,9 +35,7 @@ SEED_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # P(interior), or the normalised dis
 SIGMA_GRID = (0.0, 1.0)
 NMS_GRID = (0.3, 0.4, 0.5)  # StarDist's largest overlap (IoU) between two kept polygons
 BORDER_GRID = (0, 20, 30, 50, 80)  # smallest seedless piece at the image's edge kept as a nucleus (0: none)
-
-
-SPLITS = ("validation", "training", "all")
+SPLITS = ("validation", "training", "all")  # training: every image of --data outside the validation split
 
 
 def split_samples(model: SegmentationModel, data_dir: Path, split: str) -> NucleiDataset:

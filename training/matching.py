@@ -60,11 +60,9 @@ def score_image(true: np.ndarray, pred: np.ndarray) -> ImageScore:
         raise ValueError(f"shape mismatch: truth {true.shape} vs prediction {pred.shape}")
     iou = iou_matrix(true, pred)
     n_true, n_pred = iou.shape
-    ratios = []
-    for t in THRESHOLDS:
-        tp, fp, fn = precision_at(iou, t)
-        ratios.append(1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn))
-    tp50, fp50, fn50 = precision_at(iou, THRESHOLDS[0])
+    counts = [precision_at(iou, t) for t in THRESHOLDS]
+    ratios = [1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn) for tp, fp, fn in counts]
+    tp50, fp50, fn50 = counts[0]
     fg_true, fg_pred = true > 0, pred > 0
     inter = np.count_nonzero(fg_true & fg_pred)
     union = np.count_nonzero(fg_true | fg_pred)
