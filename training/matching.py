@@ -45,6 +45,11 @@ class ImageScore:
     fn50: int
 
 
+def ap_ratio(tp: int, fp: int, fn: int) -> float:
+    """TP / (TP + FP + FN), the competition's value at one IoU threshold; 1 when no nucleus is true or predicted."""
+    return 1.0 if tp + fp + fn == 0 else float(tp / (tp + fp + fn))
+
+
 def precision_at(iou: np.ndarray, threshold: float) -> tuple[int, int, int]:
     """(TP, FP, FN) at one IoU threshold."""
     matches = iou > threshold
@@ -61,7 +66,7 @@ def score_image(true: np.ndarray, pred: np.ndarray) -> ImageScore:
     iou = iou_matrix(true, pred)
     n_true, n_pred = iou.shape
     counts = [precision_at(iou, t) for t in THRESHOLDS]
-    ratios = [1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn) for tp, fp, fn in counts]
+    ratios = [ap_ratio(*c) for c in counts]
     tp50, fp50, fn50 = counts[0]
     fg_true, fg_pred = true > 0, pred > 0
     inter = np.count_nonzero(fg_true & fg_pred)
@@ -87,8 +92,7 @@ def pooled_ap50(counts: Iterable[tuple[int, int, int]]) -> float:
     pooling weighs every nucleus alike, as StarDist's ``matching_dataset`` and its paper's table
     of DSB2018 results do, which makes our numbers comparable with theirs.
     """
-    tp, fp, fn = np.asarray(list(counts), dtype=np.int64).reshape(-1, 3).sum(axis=0)
-    return 1.0 if tp + fp + fn == 0 else float(tp / (tp + fp + fn))
+    return ap_ratio(*np.asarray(list(counts), dtype=np.int64).reshape(-1, 3).sum(axis=0))
 
 
 def dsb_score(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
