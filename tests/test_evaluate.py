@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -54,12 +55,17 @@ def test_training_split_is_every_image_the_validation_split_leaves_out(tile_mode
         split_samples(model, dataset_dir, "test")
 
 
-def test_tune_thresholds_stores_them_in_metadata(tile_run: Path, dataset_dir: Path, tmp_path: Path):
+def test_tune_thresholds_stores_them_in_metadata(tile_run: Path, dataset_dir: Path, tmp_path: Path, capsys):
     import shutil
 
     model_dir = tmp_path / "model"
     shutil.copytree(tile_run / "model", model_dir)
     chosen = tune_thresholds(model_dir, dataset_dir)
+    printed = capsys.readouterr().out
+    chosen_ap = [float(x) for x in re.findall(r"^best watershed: .*AP@0.5 ([0-9.]+)", printed, re.M)]
+    highest_ap = [float(x) for x in re.findall(r"highest AP@0.5 in this grid: ([0-9.]+)", printed)]
+    assert len(chosen_ap) == len(highest_ap) == 2  # thresholds, then edge pieces
+    assert all(high >= ap for high, ap in zip(highest_ap, chosen_ap))
     meta = json.loads((model_dir / "metadata.json").read_text())
     assert meta["postprocess"]["foreground_threshold"] == chosen["foreground_threshold"]
     assert "tuned_on" in meta["postprocess"]
