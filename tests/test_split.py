@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from training.split import modality, sampling_probabilities, split_ids
+from training.split import modality, sampling_probabilities, split_ids, subsample_ids
 
 
 def group_shares(groups: list[str], probabilities: np.ndarray) -> dict[str, float]:
@@ -40,6 +40,18 @@ def test_split_is_seeded_disjoint_and_stratified():
     assert sum(by_id[i] == "brightfield" for i in val) == 4  # a quarter of each modality
     assert sum(by_id[i] == "histology" for i in val) == 25
     assert split_ids(ids, GROUPS, 0.25, seed=8)[1] != val
+
+
+def test_training_share_is_seeded_stratified_and_inside_the_training_split():
+    ids = [f"img{i:03d}" for i in range(len(GROUPS))]
+    by_id = dict(zip(ids, GROUPS))
+    train, val = split_ids(ids, GROUPS, 0.25, seed=7)
+    half = subsample_ids(train, [by_id[i] for i in train], 0.5, seed=7)
+    assert half == subsample_ids(train, [by_id[i] for i in train], 0.5, seed=7)
+    assert set(half) < set(train) and not set(half) & set(val)
+    assert sum(by_id[i] == "histology" for i in half) == 38  # half of the 75 training histology images, rounded
+    assert sum(by_id[i] == "brightfield" for i in half) == 6  # half of 12
+    assert subsample_ids(train, [by_id[i] for i in train], 1.0, seed=7) == sorted(train)
 
 
 def test_split_rejects_a_fraction_outside_zero_to_one():

@@ -512,3 +512,12 @@ def test_core_pixels_flag_sets_the_target_cores():
         TrainConfig(core_pixels=-1)
     with pytest.raises(ValueError, match="core_pixels"):
         TrainConfig(core_pixels=9, target="mask")  # a 2-class mask has no interior: the option would do nothing
+
+
+def test_train_fraction_is_a_share_of_the_training_split():
+    config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best", "--train-fraction", "0.5"])
+    assert config.train_fraction == 0.5 and config.val_fraction == preset("best").val_fraction  # validation unchanged
+    assert parse_args(["--data", "d", "--out", "o"])[0].train_fraction == 1.0
+    for bad in ("0", "1.5"):
+        with pytest.raises(SystemExit):  # no images, or a share with no meaning
+            parse_args(["--data", "d", "--out", "o", "--train-fraction", bad])

@@ -19,6 +19,8 @@ class TrainConfig:
     # data / split
     val_fraction: float = 0.2
     seed: int = 42
+    train_fraction: float = 1.0  # <1: train on this seeded, modality-stratified share of the training split only
+    #   (a data-scaling diagnostic: what more images could buy); the validation split is unchanged
     # what the network sees
     image_size: int = 128  # resize target (resize mode) or crop size (tile mode)
     inference: Literal["resize", "tile"] = "resize"
@@ -96,6 +98,8 @@ class TrainConfig:
     min_size: int = 10
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.train_fraction <= 1.0:  # 0 would train on nothing; above 1 has no meaning
+            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
         if self.canonical_diameter is not None and self.canonical_diameter <= 0:  # from the CLI or a metadata file
             raise ValueError(f"canonical_diameter must be positive, got {self.canonical_diameter}")
         if self.boundary_width < 1:  # a rim of 0 px would leave touching interiors with nothing between them

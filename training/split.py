@@ -39,6 +39,18 @@ def split_ids(ids: list[str], groups: list[str], val_fraction: float, seed: int)
     return sorted(train), sorted(val)
 
 
+def subsample_ids(ids: list[str], groups: list[str], fraction: float, seed: int) -> list[str]:
+    """A seeded share ``fraction`` of ``ids``, of each group alike (all of them at 1).
+
+    Training on part of the training split, with the validation split unchanged, measures how
+    the scores depend on the amount of data, and so what more images of the same kinds could buy.
+    """
+    if fraction >= 1.0:
+        return sorted(ids)
+    _, kept = split_ids(ids, groups, fraction, seed)
+    return kept
+
+
 def sampling_probabilities(groups: list[str], balance: bool, power: float = 0.5) -> np.ndarray:
     """Per-image sampling probabilities; with ``balance``, each group's images weigh ``size ** -power``.
 

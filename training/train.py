@@ -28,7 +28,7 @@ from training.data import DataError, NucleiDataset, fingerprint, load_dataset, r
 from training.export import build_metadata, export_model
 from training.losses import pixel_accuracy, segmentation_loss
 from training.model import build_unet, encoder_layer_names, float32_copy, fine_tune_start, precision
-from training.split import modality, sampling_probabilities, split_ids
+from training.split import modality, sampling_probabilities, split_ids, subsample_ids
 from training.targets import CLASS_OF_CODE, make_target, scale_to_canonical
 
 CLASS_NAMES = {2: ["background", "nucleus"], 3: ["background", "interior", "boundary"]}
@@ -135,6 +135,7 @@ def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bo
     run_dir.mkdir(parents=True, exist_ok=True)  # after the data loads: a bad --data leaves nothing behind
     groups = {s.id: modality(s.image) for s in dataset.samples}
     train_ids, val_ids = split_ids(dataset.ids, [groups[i] for i in dataset.ids], config.val_fraction, config.seed)
+    train_ids = subsample_ids(train_ids, [groups[i] for i in train_ids], config.train_fraction, config.seed)
     print(f"data: {len(dataset)} images, {len(train_ids)} train / {len(val_ids)} validation "
           f"({time.time() - started:.1f} s to load)")
     train_set = prepare(dataset.subset(train_ids), config, groups)
@@ -252,13 +253,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                         help="training arithmetic; mixed_bfloat16 needs a CPU with native bf16 (e.g. AVX512_BF16) to be fast")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--val-fraction", type=float)
+    parser.add_argument("--train-fraction", type=float,
+                        help="train on this stratified share of the training split (a data-scaling check; default 1)")
     parser.add_argument("--no-evaluate", action="store_true", help="skip the DSB2018 evaluation at the end")
     args = parser.parse_args(argv)
     try:
         config = preset(args.preset).override(
             epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, image_size=args.image_size,
             batch_size=args.batch_size, learning_rate=args.learning_rate, encoder_weights=args.encoder_weights,
-            fine_tune=args.fine_tune, seed=args.seed, val_fraction=args.val_fraction, precision=args.precision,
+            fine_tune=args.fine_tune, seed=args.seed, val_fraction=args.val_fraction,
+            train_fraction=args.train_fraction, precision=args.precision,
             distance_weight=args.distance_weight, distance_head=args.distance_head, small_weight=args.small_weight,
             full_res_filters=args.full_res_filters, balance_power=args.balance_power,
             freeze_encoder_bn=args.freeze_encoder_bn, rays=args.rays, ray_weight=args.ray_weight,
