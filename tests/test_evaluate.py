@@ -15,7 +15,7 @@ import pytest
 from service.model import SegmentationModel
 from service.pipeline import segment
 from training.config import preset
-from training.data import load_dataset
+from training.data import DataError, load_dataset
 from training.evaluate import main as evaluate_main
 from training.evaluate import BORDER_GRID, SEED_GRID, SIGMA_GRID, evaluate_model, split_samples, tune_thresholds
 from training.matching import score_image
@@ -53,6 +53,23 @@ def test_training_split_is_every_image_the_validation_split_leaves_out(tile_mode
     assert training | validation == {s.id for s in load_dataset(dataset_dir).samples}
     with pytest.raises(ValueError, match="unknown split"):
         split_samples(model, dataset_dir, "test")
+
+
+def test_training_split_is_the_recorded_share_when_the_model_trained_on_part_of_it(
+        tile_model_dir: Path, dataset_dir: Path, tmp_path: Path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tile_model_dir, model_dir)
+    rest = sorted(s.id for s in split_samples(SegmentationModel.load(model_dir), dataset_dir, "training").samples)
+    meta_path = model_dir / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["split"]["training_ids"] = rest[: len(rest) // 2]  # as train() records a --train-fraction share
+    meta_path.write_text(json.dumps(meta))
+    model = SegmentationModel.load(model_dir)
+    assert [s.id for s in split_samples(model, dataset_dir, "training").samples] == rest[: len(rest) // 2]
+    meta["split"]["training_ids"] = ["not_in_the_data"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="1 training ids not in"):
+        split_samples(SegmentationModel.load(model_dir), dataset_dir, "training")
 
 
 def test_tune_thresholds_stores_them_in_metadata(tile_run: Path, dataset_dir: Path, tmp_path: Path, capsys):

@@ -23,7 +23,7 @@ from training.export import export_model
 from training.model import build_unet
 from training.losses import segmentation_loss, soft_dice_loss
 from training.targets import CLASS_OF_CODE, CONTACT, GAP, SMALL, boundary_target, distance_target, make_target
-from training.train import main, parse_args
+from training.train import main, parse_args, split_record
 
 
 def test_loader_merges_masks_and_handles_modes(dataset_dir: Path):
@@ -521,3 +521,7 @@ def test_train_fraction_is_a_share_of_the_training_split():
     for bad in ("0", "1.5"):
         with pytest.raises(SystemExit):  # no images, or a share with no meaning
             parse_args(["--data", "d", "--out", "o", "--train-fraction", bad])
+    whole, share = preset("best"), preset("best").override(train_fraction=0.5)
+    assert "training_ids" not in split_record(whole, ["a", "b"], ["c"])  # the rest of the data is the training split
+    assert split_record(share, ["a"], ["c"]) == {"seed": 42, "val_fraction": share.val_fraction,
+                                                 "validation_ids": ["c"], "training_ids": ["a"]}

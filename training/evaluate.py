@@ -40,21 +40,25 @@ SPLITS = ("validation", "training", "all")  # training: every image of --data ou
 
 def split_samples(model: SegmentationModel, data_dir: Path, split: str) -> NucleiDataset:
     """The images of ``split``: "validation" as the model's metadata records it, "training" (the
-    rest of ``data_dir``: how well the model fits images it was trained on), or "all"."""
+    images it was trained on, as recorded for a model trained on a share of them, else the rest of
+    ``data_dir``: how well the model fits its own images), or "all"."""
     if split == "all":
         return load_dataset(data_dir)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} ({', '.join(SPLITS)})")
-    ids = model.spec.metadata.get("split", {}).get("validation_ids")
+    recorded = model.spec.metadata.get("split", {})
+    ids = recorded.get("validation_ids")
     if not ids:
         raise ModelLoadError(f"model {model.model_dir} records no validation split; use --split all")
     by_name = {d.name: d for d in list_sample_dirs(data_dir)}
-    missing = [i for i in ids if i not in by_name]
-    if missing:
-        raise DataError(f"{len(missing)} validation ids not in {data_dir}, e.g. {missing[0]}")
+    wanted = {"validation": ids}  # checked for a training split too: the complement of a wrong folder is all of it
     if split == "training":
-        ids = sorted(set(by_name) - set(ids))
-    return NucleiDataset([load_sample(by_name[i]) for i in ids])
+        wanted["training"] = recorded.get("training_ids") or sorted(set(by_name) - set(ids))
+    for name, group in wanted.items():
+        missing = [i for i in group if i not in by_name]
+        if missing:
+            raise DataError(f"{len(missing)} {name} ids not in {data_dir}, e.g. {missing[0]}")
+    return NucleiDataset([load_sample(by_name[i]) for i in wanted[split]])
 
 
 def evaluate_model(model_dir: Path, data_dir: Path, out_dir: Path, split: str = "validation",

@@ -175,7 +175,7 @@ def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bo
     postprocess = {"foreground_threshold": 0.5, "seed_threshold": 0.5, "min_size": config.min_size}
     metadata = build_metadata(
         config.to_dict(), classes=output_names(config), inference=inference, postprocess=postprocess,
-        extra={"split": {"seed": config.seed, "val_fraction": config.val_fraction, "validation_ids": val_ids},
+        extra={"split": split_record(config, train_ids, val_ids),
                "data": {"path": str(data_dir), "fingerprint": fingerprint(data_dir), "images": len(dataset)},
                "validation_metrics": {k: v for k, v in metrics["final"].items() if k.startswith("val_")},
                "training": {k: metrics[k] for k in ("epochs", "steps_per_epoch", "fit_seconds",
@@ -196,6 +196,15 @@ def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bo
             tune_thresholds(model_dir, data_dir)
         evaluate_model(model_dir, data_dir, run_dir / "evaluation")
     return metrics
+
+
+def split_record(config: TrainConfig, train_ids: list[str], val_ids: list[str]) -> dict:
+    """The split as the model's metadata keeps it: the validation ids, and the training ids when
+    only a share of the rest was trained on (otherwise the rest of the data is the training split)."""
+    record = {"seed": config.seed, "val_fraction": config.val_fraction, "validation_ids": val_ids}
+    if config.train_fraction < 1.0:
+        record["training_ids"] = train_ids
+    return record
 
 
 def non_negative(text: str) -> int:
