@@ -73,8 +73,6 @@ def test_training_split_is_the_recorded_share_when_the_model_trained_on_part_of_
 
 
 def test_tune_thresholds_stores_them_in_metadata(tile_run: Path, dataset_dir: Path, tmp_path: Path, capsys):
-    import shutil
-
     model_dir = tmp_path / "model"
     shutil.copytree(tile_run / "model", model_dir)
     chosen = tune_thresholds(model_dir, dataset_dir)

@@ -40,7 +40,8 @@ def split_ids(ids: list[str], groups: list[str], val_fraction: float, seed: int)
 
 
 def subsample_ids(ids: list[str], groups: list[str], fraction: float, seed: int) -> list[str]:
-    """A seeded share ``fraction`` of ``ids``, of each group alike (all of them at 1).
+    """A seeded share ``fraction`` of ``ids``, of each group alike (all of them at 1; a group of one
+    image, which ``split_ids`` keeps whole on its training side, is left out).
 
     Training on part of the training split, with the validation split unchanged, measures how
     the scores depend on the amount of data, and so what more images of the same kinds could buy.
