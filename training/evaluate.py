@@ -35,7 +35,7 @@ SEED_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # P(interior), or the normalised dis
 SIGMA_GRID = (0.0, 1.0)
 NMS_GRID = (0.3, 0.4, 0.5)  # StarDist's largest overlap (IoU) between two kept polygons
 BORDER_GRID = (0, 20, 30, 50, 80)  # smallest seedless piece at the image's edge kept as a nucleus (0: none)
-SPLITS = ("validation", "training", "all")  # training: every image of --data outside the validation split
+SPLITS = ("validation", "training", "all")  # training: the images the model trained on (see split_samples)
 
 
 def split_samples(model: SegmentationModel, data_dir: Path, split: str) -> NucleiDataset:
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="exported model folder")
     parser.add_argument("--data", type=Path, required=True, help="DSB2018 folder in Kaggle layout")
     parser.add_argument("--split", default="validation", choices=SPLITS,
-                        help="validation (default), training (the rest of --data: does the model fit it?) or all")
+                        help="validation (default), training (the images the model trained on: does it fit them?) or all")
     parser.add_argument("--out", type=Path, help="report folder (default: MODEL/../evaluation)")
     parser.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=None,
                         help="native-resolution tiles (default: the model's mode); --no-tiling resizes")
