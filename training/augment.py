@@ -13,6 +13,7 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
+from scipy import ndimage as ndi
 
 from training.config import TrainConfig
 from training.targets import CLASS_OF_CODE, code_weights, star_rays
@@ -178,7 +179,10 @@ def crop_dataset(images: list[np.ndarray], targets: list[np.ndarray], probabilit
             image, target = padded[rng.choice(len(padded), p=probabilities)]
             top = rng.integers(0, image.shape[0] - crop + 1)
             left = rng.integers(0, image.shape[1] - crop + 1)
-            yield image[top:top + crop, left:left + crop], target[top:top + crop, left:left + crop]
+            image, target = image[top:top + crop, left:left + crop], target[top:top + crop, left:left + crop]
+            if config.copy_paste and rng.random() < config.copy_paste:
+                image, target = paste_nuclei(image, target, rng)
+            yield image, target
 
     ds = tf.data.Dataset.from_generator(
         generate,
@@ -188,6 +192,54 @@ def crop_dataset(images: list[np.ndarray], targets: list[np.ndarray], probabilit
     ds = ds.map(lambda x, y: augment(x, y, config, config.image_size), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda x, y: with_weights(x, y, config))
     return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def paste_nuclei(image: np.ndarray, target: np.ndarray, rng: np.random.Generator, most: int = 10,
+                 margin: int = 3, tries: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Copy-paste augmentation: up to ``most`` of the crop's own nuclei, pasted onto its plain background.
+
+    Why: with half the training images the shipped recipe lost 0.014 AP@0.5, so more nucleus examples
+    may help, and copies from the same crop keep its modality, stain and scale (Ghiasi et al., 2021,
+    paste between images instead). A piece is a connected group of nucleus pixels (a lone nucleus or
+    touching ones, with their rims and contact codes, so its target stays right); pieces cut by the
+    crop's edge are never copied. Each copy is turned by a random multiple of 90 degrees, maybe
+    mirrored, and lands only where it and ``margin`` px around it are plain background, away from
+    every nucleus and earlier copy, so no nucleus' target changes. The image takes the piece plus one
+    px around it (the nucleus' own edge); the target takes the piece's codes, every channel.
+    """
+    nucleus = CLASS_OF_CODE[target[..., 0]] != 0
+    labels, count = ndi.label(nucleus, structure=np.ones((3, 3)))
+    if count == 0:
+        return image, target
+    image, target = image.copy(), target.copy()
+    free = ~ndi.binary_dilation(target[..., 0] != 0, iterations=margin)
+    boxes = ndi.find_objects(labels)
+    height, width = nucleus.shape
+    for index in rng.permutation(count)[:rng.integers(1, most + 1)]:
+        rows, cols = boxes[index]
+        if min(rows.start, cols.start) < margin or rows.stop > height - margin or cols.stop > width - margin:
+            continue  # cut by (or too near) the crop's edge: maybe not a whole nucleus
+        box = (slice(rows.start - margin, rows.stop + margin), slice(cols.start - margin, cols.stop + margin))
+        turns, mirror = int(rng.integers(4)), bool(rng.random() < 0.5)
+        piece, pixels, codes = (turned(x, turns, mirror) for x in (labels[box] == index + 1, image[box], target[box]))
+        skin = ndi.binary_dilation(piece)
+        reach = ndi.binary_dilation(piece, iterations=margin)
+        h, w = piece.shape
+        for _ in range(tries if h < height and w < width else 0):
+            top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+            where = (slice(top, top + h), slice(left, left + w))
+            if free[where][reach].all():
+                image[where][skin] = pixels[skin]
+                target[where][piece] = codes[piece]
+                free[where] &= ~reach
+                break
+    return image, target
+
+
+def turned(x: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
+    """``x`` rotated by ``turns`` quarter turns in its first two axes, then mirrored left-right if ``mirror``."""
+    x = np.rot90(x, turns)
+    return x[:, ::-1] if mirror else x
 
 
 def pad_to_at_least(image: np.ndarray, target: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -90,6 +90,8 @@ class TrainConfig:
     artefacts: bool = False  # also defocus blur, strong noise and JPEG compression, each a third of the time
     #   on the preset: AP@0.5 on blurred / noisy / JPEG validation copies 0.795 / 0.803 / 0.793 vs 0.771 / 0.764 /
     #   0.777, but 0.602 / 0.819 vs 0.614 / 0.823 on the images as stored (docs/training.md), so the preset keeps False
+    copy_paste: float = 0.0  # tile mode: chance that a training crop gets 1-10 of its own whole nuclei (or touching
+    #   groups) pasted onto its free background (training.augment.paste_nuclei): more nuclei per crop
     balance_modalities: bool = False  # oversample the rare bright-field and H&E images
     balance_power: float = 0.5  # with balance: a modality of n images gets a share of the crops ~ n ** (1 - power)
     # 1.0 (equal shares) scored 0.603 / AP@0.5 0.811 vs 0.608 / 0.817 (block_3_expand recipe), lower on every
@@ -110,6 +112,10 @@ class TrainConfig:
             raise ValueError(f"small_weight must be positive, got {self.small_weight}")
         if self.artefacts and not self.colour:  # they are part of the photometric augmentation
             raise ValueError("artefacts need the colour augmentation (colour=True)")
+        if not 0.0 <= self.copy_paste <= 1.0:  # a probability
+            raise ValueError(f"copy_paste must be in [0, 1], got {self.copy_paste}")
+        if self.copy_paste and (self.inference != "tile" or self.rays):  # crops only; pasted labels would repeat ids
+            raise ValueError("copy_paste needs tile mode (inference='tile') and no rays")
         if self.dice_weight < 0:  # a negative weight would reward the network for missing nuclei
             raise ValueError(f"dice_weight must be 0 or more, got {self.dice_weight}")
         # the counts that the CLI's non_negative type guards: -1 would silently build no layer (range(-1) is

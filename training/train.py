@@ -235,6 +235,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                         help="modality balance: a modality of n images gets crops ~ n ** (1 - power); 1: equal shares")
     parser.add_argument("--artefacts", action=argparse.BooleanOptionalAction, default=None,
                         help="augment with defocus blur, strong noise and JPEG compression (needs colour jitter)")
+    parser.add_argument("--copy-paste", type=float,
+                        help="chance (0-1) that a training crop gets some of its own nuclei pasted onto its background")
     parser.add_argument("--small-weight", type=float,
                         help="loss weight factor on nuclei under half their image's median area (1: none)")
     parser.add_argument("--dice-weight", type=float,
@@ -277,7 +279,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
             freeze_encoder_bn=args.freeze_encoder_bn, rays=args.rays, ray_weight=args.ray_weight,
             canonical_diameter=args.canonical_diameter, zoom=args.zoom, boundary_width=args.boundary_width,
             dice_weight=args.dice_weight, decoder_convs=args.decoder_convs,
-            artefacts=args.artefacts, core_pixels=args.core_pixels,
+            artefacts=args.artefacts, core_pixels=args.core_pixels, copy_paste=args.copy_paste,
         )
     except ValueError as error:  # settings that contradict each other
         parser.error(str(error))
