@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from scipy import ndimage as ndi
 
 from tests.conftest import tiny_config
 from tests.synthetic import make_dataset
@@ -233,6 +234,46 @@ def test_augmentation_keeps_image_and_mask_aligned():
         agree = (x[..., 0] > 127) == (y == 1)
         assert agree[confident].mean() > 0.97
         assert set(np.unique(y)) <= {0, 1}
+
+
+def disc_labels(shape: tuple[int, int], centres: list[tuple[int, int]], radius: int) -> np.ndarray:
+    """Instance labels of discs of ``radius`` px at ``centres`` (later discs overwrite earlier ones)."""
+    rows, cols = np.mgrid[:shape[0], :shape[1]]
+    labels = np.zeros(shape, np.int32)
+    for number, (row, col) in enumerate(centres, start=1):
+        labels[(rows - row) ** 2 + (cols - col) ** 2 <= radius ** 2] = number
+    return labels
+
+
+def test_copy_paste_adds_whole_nuclei_on_free_background_only():
+    # two touching discs, one lone disc, one cut by the crop's edge; the rest is free background
+    labels = disc_labels((160, 160), [(40, 40), (40, 55), (110, 50), (80, 2)], radius=8)
+    target = boundary_target(labels)[..., None]
+    image = np.where(labels[..., None] > 0, 200, 10).astype(np.uint8).repeat(3, axis=-1)
+    image[labels == 4] = 90  # the edge-cut nucleus has a colour of its own
+    pasted = 0
+    for seed in range(8):
+        new_image, new_target = augment.paste_nuclei(image, target, np.random.default_rng(seed), most=10)
+        changed = (new_target != target)[..., 0]
+        assert np.all(target[changed] == 0)  # only plain background took codes: every nucleus' target is kept
+        assert np.all(ndi.binary_dilation(target[..., 0] != 0, iterations=2)[changed] == 0)  # not next to one
+        assert np.all(new_image[changed] == 200)  # whole nuclei of the crop, never the edge-cut one (90)
+        assert set(np.unique(new_target)) <= set(np.unique(target))  # codes of the crop's own, rims included
+        pasted += changed.any()
+    assert pasted >= 6  # most draws find room on a mostly empty crop
+    empty = np.zeros_like(target)
+    same_image, same_target = augment.paste_nuclei(image, empty, np.random.default_rng(0))
+    assert same_image is image and same_target is empty  # nothing to copy: the crop is returned as it is
+
+
+def test_copy_paste_flag_is_a_probability_for_crops():
+    config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best", "--copy-paste", "0.5"])
+    assert config.copy_paste == 0.5 and preset("best").copy_paste == 0.0
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(SystemExit):
+            parse_args(["--data", "d", "--out", "o", "--preset", "best", "--copy-paste", bad])
+    with pytest.raises(ValueError, match="copy_paste"):
+        TrainConfig(copy_paste=0.5)  # the reference recipe resizes whole images: there is no crop to paste into
 
 
 def test_gaussian_blur_keeps_flat_images_and_smooths_noise():
