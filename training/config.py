@@ -92,6 +92,7 @@ class TrainConfig:
     #   0.777, but 0.602 / 0.819 vs 0.614 / 0.823 on the images as stored (docs/training.md), so the preset keeps False
     copy_paste: float = 0.0  # tile mode: chance that a training crop gets 1-10 of its own whole nuclei (or touching
     #   groups) pasted onto its free background (training.augment.paste_nuclei): more nuclei per crop
+    #   0.5 on the preset: 0.613 / AP@0.5 0.824 vs 0.614 / 0.829, a tie (docs/training.md "Copy-paste"), so it has 0
     balance_modalities: bool = False  # oversample the rare bright-field and H&E images
     balance_power: float = 0.5  # with balance: a modality of n images gets a share of the crops ~ n ** (1 - power)
     # 1.0 (equal shares) scored 0.603 / AP@0.5 0.811 vs 0.608 / 0.817 (block_3_expand recipe), lower on every
