@@ -16,7 +16,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from tests.conftest import tiny_config
-from tests.synthetic import make_dataset
+from tests.synthetic import disc_labels, make_dataset
 from training import augment
 from training.config import PRESETS, TrainConfig, preset
 from training.data import DataError, data_load, load_dataset
@@ -234,15 +234,6 @@ def test_augmentation_keeps_image_and_mask_aligned():
         agree = (x[..., 0] > 127) == (y == 1)
         assert agree[confident].mean() > 0.97
         assert set(np.unique(y)) <= {0, 1}
-
-
-def disc_labels(shape: tuple[int, int], centres: list[tuple[int, int]], radius: int) -> np.ndarray:
-    """Instance labels of discs of ``radius`` px at ``centres`` (later discs overwrite earlier ones)."""
-    rows, cols = np.mgrid[:shape[0], :shape[1]]
-    labels = np.zeros(shape, np.int32)
-    for number, (row, col) in enumerate(centres, start=1):
-        labels[(rows - row) ** 2 + (cols - col) ** 2 <= radius ** 2] = number
-    return labels
 
 
 def test_copy_paste_adds_whole_nuclei_on_free_background_only():
