@@ -33,6 +33,7 @@ from service.batching import MicroBatcher, Overloaded
 from service.metrics import Metrics
 from service.model import SegmentationModel
 from service.pipeline import DeadlineExceeded, SegmentOptions, segment
+from service.postprocess import nucleus_probability
 from service.tiling import ImageShapeError
 
 log = logging.getLogger("nuclei_seg")
@@ -63,7 +64,7 @@ RLE_EXAMPLE = {
     "height": 256, "width": 320, "count": 1,
     "nuclei": [{"id": 1, "rle": "5130 6 5386 8 5642 8", "area": 22, "bbox": [9, 20, 17, 23],
                 "centroid": [12.23, 21.09], "perimeter": 16.2, "eccentricity": 0.61, "solidity": 0.95,
-                "mean_intensity": 187.3}],
+                "mean_intensity": 187.3, "nucleus_probability": 0.9412}],
 }
 
 
@@ -261,18 +262,18 @@ def decode_or_raise(data: bytes, settings: Settings, name: str | None) -> np.nda
 
 
 def run_segmentation(data: bytes, name: str | None, model: SegmentationModel, settings: Settings,
-                     options: SegmentOptions, metrics: Metrics) -> tuple[np.ndarray, np.ndarray]:
-    """decode -> segment, in a worker thread; returns (image, labels)."""
+                     options: SegmentOptions, metrics: Metrics) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """decode -> segment, in a worker thread; returns (image, labels, each nucleus' mean P(nucleus))."""
     image = decode_or_raise(data, settings, name)
     with model.request():
-        labels = segment(image, model, options).labels
+        result = segment(image, model, options)
     metrics.images.inc()
     metrics.megapixels.inc(image.shape[0] * image.shape[1] / 1e6)
-    return image, labels
+    return image, result.labels, nucleus_probability(result.labels, result.probabilities)
 
 
 async def segment_upload(request: Request, data: bytes, name: str | None, model: SegmentationModel,
-                         options: SegmentOptions) -> tuple[np.ndarray, np.ndarray]:
+                         options: SegmentOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run :func:`run_segmentation` off the event loop within the request time limit.
 
     Overload (full model queue) is 503 with Retry-After; running out of time is 504, and the
@@ -355,8 +356,8 @@ def _install_routes(app: FastAPI) -> None:
     ) -> Response:
         data = await read_upload(file, settings)
         options = request_options(settings, tiling, tta, min_size)
-        image, labels = await segment_upload(request, data, file.filename, model, options)
-        return await run_in_threadpool(encode_response, image, labels, format)
+        image, labels, probability = await segment_upload(request, data, file.filename, model, options)
+        return await run_in_threadpool(encode_response, image, labels, format, probability)
 
     @app.post(
         "/segment/batch",
@@ -384,8 +385,8 @@ def _install_routes(app: FastAPI) -> None:
         documents = []
         for index, upload in enumerate(files):  # one image in memory at a time
             data = await read_upload(upload, settings)
-            image, labels = await segment_upload(request, data, upload.filename, model, options)
-            document = await run_in_threadpool(rle_document, labels, image)
+            image, labels, probability = await segment_upload(request, data, upload.filename, model, options)
+            document = await run_in_threadpool(rle_document, labels, image, probability)
             documents.append((image_id(upload.filename, index), {"filename": upload.filename, **document}))
         if format is BatchFormat.csv:
             return PlainTextResponse(submission_csv(documents), media_type="text/csv")
@@ -410,10 +411,11 @@ def public_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     return public
 
 
-def encode_response(image: np.ndarray, labels: np.ndarray, fmt: MaskFormat) -> Response:
-    """Encode labels in the requested format."""
+def encode_response(image: np.ndarray, labels: np.ndarray, fmt: MaskFormat,
+                    probability: np.ndarray | None = None) -> Response:
+    """Encode labels in the requested format (``probability``: each nucleus' mean P(nucleus), for rle)."""
     if fmt is MaskFormat.rle:
-        return JSONResponse(rle_document(labels, image))
+        return JSONResponse(rle_document(labels, image, probability))
     if fmt is MaskFormat.labels:
         try:
             body = labels_png(labels)

@@ -66,8 +66,12 @@ def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     return flat.reshape(shape[1], shape[0]).T
 
 
-def nuclei_records(labels: np.ndarray, image: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """One JSON-ready record per nucleus: id, RLE, area, bbox, centroid and morphology."""
+def nuclei_records(labels: np.ndarray, image: np.ndarray | None = None,
+                   probability: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """One JSON-ready record per nucleus: id, RLE, area, bbox, centroid, morphology and confidence.
+
+    ``probability[i]`` is nucleus ``i + 1``'s mean P(nucleus) (``service.postprocess.nucleus_probability``).
+    """
     gray = None if image is None else image.mean(axis=-1) if image.ndim == 3 else image
     records = []
     for region in regionprops(labels, intensity_image=gray):
@@ -83,14 +87,16 @@ def nuclei_records(labels: np.ndarray, image: np.ndarray | None = None) -> list[
             "eccentricity": round(float(region.eccentricity), 4),
             "solidity": round(float(region.solidity), 4),
             "mean_intensity": None if gray is None else round(float(region.intensity_mean), 2),
+            "nucleus_probability": None if probability is None else round(float(probability[region.label - 1]), 4),
         }
         records.append(record)
     return records
 
 
-def rle_document(labels: np.ndarray, image: np.ndarray | None = None) -> dict[str, Any]:
+def rle_document(labels: np.ndarray, image: np.ndarray | None = None,
+                 probability: np.ndarray | None = None) -> dict[str, Any]:
     """The ``format=rle`` response body."""
-    nuclei = nuclei_records(labels, image)
+    nuclei = nuclei_records(labels, image, probability)
     return {"height": int(labels.shape[0]), "width": int(labels.shape[1]), "count": len(nuclei), "nuclei": nuclei}
 
 

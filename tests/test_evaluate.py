@@ -17,7 +17,8 @@ from service.pipeline import segment
 from training.config import preset
 from training.data import DataError, load_dataset
 from training.evaluate import main as evaluate_main
-from training.evaluate import BORDER_GRID, SEED_GRID, SIGMA_GRID, evaluate_model, split_samples, tune_thresholds
+from training.evaluate import (BORDER_GRID, SEED_GRID, SIGMA_GRID, evaluate_model, ranking_auc, split_samples,
+                               tune_thresholds)
 from training.matching import score_image
 from training.robustness import CHANGES
 from training.robustness import main as robustness_main
@@ -43,6 +44,18 @@ def test_evaluate_writes_report_and_scores_the_service_path(tile_model_dir: Path
     tp, total = (sum(int(r[k]) for r in rows for k in keys) for keys in (["tp50"], ["tp50", "fp50", "fn50"]))
     assert summary["pooled_ap50"] == pytest.approx(tp / total)
     assert "Pooled AP@0.5" in (out / "report.md").read_text()
+    auc = summary["nucleus_probability_auc"]
+    assert np.isnan(auc) or 0.0 <= auc <= 1.0
+    assert "nucleus_probability" in (out / "report.md").read_text()
+
+
+def test_ranking_auc_is_how_often_a_positive_outscores_a_negative():
+    positive = np.array([True, True, False, False])
+    assert ranking_auc(np.array([0.9, 0.8, 0.2, 0.1]), positive) == 1.0
+    assert ranking_auc(np.array([0.1, 0.2, 0.8, 0.9]), positive) == 0.0
+    assert ranking_auc(np.array([0.9, 0.2, 0.5, 0.1]), positive) == 0.75  # 3 of the 4 pairs in order
+    assert ranking_auc(np.full(4, 0.5), positive) == 0.5  # ties count half
+    assert np.isnan(ranking_auc(np.array([0.9, 0.8]), np.array([True, True])))
 
 
 def test_training_split_is_every_image_the_validation_split_leaves_out(tile_model_dir: Path, dataset_dir: Path):

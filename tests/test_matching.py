@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tests.synthetic import disc_labels
-from training.matching import THRESHOLDS, iou_matrix, pooled_ap50, score_image
+from training.matching import THRESHOLDS, iou_matrix, matched_predictions, pooled_ap50, score_image
 
 SHAPE = (40, 60)
 TRUTH = disc_labels(SHAPE, [(10, 10), (10, 40), (30, 25)], 6)
@@ -86,3 +86,18 @@ def test_pooled_ap50_weighs_every_nucleus_not_every_image():
     small = score_image(TRUTH[:, :18], missed[:, :18])  # one true nucleus, found: AP@0.5 1
     assert pooled_ap50([(small.tp50, small.fp50, small.fn50), counts[1]]) == pytest.approx(2 / 4)
     assert pooled_ap50([]) == 1.0
+
+
+def test_matched_predictions_marks_each_predicted_nucleus_right_or_false():
+    pred = TRUTH.copy()
+    pred[pred == 2] = 0
+    pred[35:40, 50:60] = 2  # a nucleus where there is none
+    pred[(pred == 3) & (np.arange(SHAPE[1])[None, :] < 28)] = 0  # a quarter of nucleus 3: IoU under 0.5
+    assert matched_predictions(TRUTH, pred).tolist() == [True, False, False]
+    assert matched_predictions(TRUTH, pred, 0.1).tolist() == [True, False, True]
+    assert matched_predictions(TRUTH, TRUTH).tolist() == [True, True, True]
+    assert matched_predictions(TRUTH, np.zeros(SHAPE, np.int32)).shape == (0,)
+    gappy = TRUTH.copy()
+    gappy[gappy == 2] = 7
+    with pytest.raises(ValueError, match="without gaps"):
+        matched_predictions(TRUTH, gappy)

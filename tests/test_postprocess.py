@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.postprocess import PostprocessParams, instances_from_probabilities
+from service.postprocess import PostprocessParams, instances_from_probabilities, nucleus_probability
 
 
 def three_class(interior: np.ndarray, boundary: np.ndarray) -> np.ndarray:
@@ -87,3 +87,15 @@ def test_seedless_foreground_at_the_image_edge_is_kept_only_where_asked():
     touching = probs.copy()  # joined to a seeded nucleus by rim, the cut one is grown into it: no second nucleus
     touching[20, 28:56] = touching[20, 27]  # a bridge of rim from the nucleus to the cut one
     assert instances_from_probabilities(touching, PostprocessParams(0.5, 0.5, min_size=1, border_min_size=10)).max() == 1
+
+
+def test_nucleus_probability_is_each_nucleus_mean_foreground_probability():
+    labels = np.zeros((6, 8), np.int32)
+    labels[1:3, 1:3] = 1
+    labels[3:5, 4:7] = 2
+    background = np.full((6, 8), 0.9, np.float32)
+    background[1:3, 1:3] = [[0.1, 0.3], [0.1, 0.3]]  # P(nucleus) 0.9, 0.7: mean 0.8
+    background[3:5, 4:7] = 0.6  # P(nucleus) 0.4
+    probs = np.stack([background, 1.0 - background, np.zeros_like(background)], axis=-1)
+    np.testing.assert_allclose(nucleus_probability(labels, probs), [0.8, 0.4], atol=1e-6)
+    assert nucleus_probability(np.zeros((6, 8), np.int32), probs).shape == (0,)

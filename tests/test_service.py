@@ -55,6 +55,7 @@ def test_rle_round_trips_to_the_label_image(client, sample_image):
         assert nucleus["area"] == mask.sum()
         for key in ("bbox", "centroid", "perimeter", "eccentricity", "solidity", "mean_intensity"):
             assert key in nucleus
+        assert 0.0 <= nucleus["nucleus_probability"] <= 1.0
 
 
 def test_batch_json_and_csv(client, sample_image):
@@ -62,6 +63,7 @@ def test_batch_json_and_csv(client, sample_image):
              ("files", ("dir/b.tif.png", png(np.zeros((40, 50), np.uint8)), "image/png"))]
     docs = client("POST", "/segment/batch", files=files).json()
     assert [d["filename"] for d in docs] == ["a.png", "dir/b.tif.png"]
+    assert all(0.0 <= n["nucleus_probability"] <= 1.0 for n in docs[0]["nuclei"])
     csv_text = client("POST", "/segment/batch?format=csv", files=files)
     assert csv_text.headers["content-type"].startswith("text/csv")
     lines = csv_text.text.strip().split("\n")

@@ -85,6 +85,15 @@ def score_image(true: np.ndarray, pred: np.ndarray) -> ImageScore:
     )
 
 
+def matched_predictions(true: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Whether each predicted nucleus 1..N (numbered without gaps, as the service numbers them)
+    matches a true nucleus at IoU above ``threshold``: the TP (True) and FP (False) of the metric."""
+    iou = iou_matrix(true, pred)
+    if iou.shape[1] != int(pred.max(initial=0)):
+        raise ValueError("predicted labels must be numbered 1..N without gaps")
+    return (iou > threshold).any(axis=0)
+
+
 def pooled_ap50(counts: Iterable[tuple[int, int, int]]) -> float:
     """TP / (TP + FP + FN) at IoU 0.5 from per-image (TP, FP, FN), summed over images first.
 
