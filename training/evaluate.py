@@ -173,7 +173,7 @@ def markdown_report(summary: dict, rows: list[dict]) -> str:
         pooled_note(summary),
         f"Per-nucleus confidence: a predicted nucleus that matches a true one (IoU > 0.5) has a higher "
         f"`nucleus_probability` (its mean P(nucleus), in the service's JSON) than a false one in "
-        f"{summary.get('nucleus_probability_auc', float('nan')):.3f} of such pairs (ROC AUC).",
+        f"{summary['nucleus_probability_auc']:.3f} of such pairs (ROC AUC).",
         "## Worst images",
         markdown_table([{k: r[k] for k in ("id", "modality", "score", "ap50", "n_true", "n_pred", "scale")}
                         for r in worst]),
