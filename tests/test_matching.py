@@ -97,6 +97,9 @@ def test_matched_predictions_marks_each_predicted_nucleus_right_or_false():
     assert matched_predictions(TRUTH, pred, 0.1).tolist() == [True, False, True]
     assert matched_predictions(TRUTH, TRUTH).tolist() == [True, True, True]
     assert matched_predictions(TRUTH, np.zeros(SHAPE, np.int32)).shape == (0,)
+    iou = iou_matrix(TRUTH, pred)  # a matrix the caller already has gives the same answers
+    assert matched_predictions(TRUTH, pred, 0.1, iou=iou).tolist() == [True, False, True]
+    assert score_image(TRUTH, pred, iou) == score_image(TRUTH, pred)
     gappy = TRUTH.copy()
     gappy[gappy == 2] = 7
     with pytest.raises(ValueError, match="without gaps"):

@@ -29,7 +29,7 @@ from service.postprocess import (INSTANCE_DECODERS, PostprocessParams, has_rays,
 from training import figures
 from training.data import DataError, NucleiDataset, list_sample_dirs, load_dataset, load_sample
 from training.export import update_metadata
-from training.matching import matched_predictions, pooled_ap50, score_image
+from training.matching import iou_matrix, matched_predictions, pooled_ap50, score_image
 from training.split import MODALITIES, modality
 
 FOREGROUND_GRID = (0.45, 0.55, 0.6, 0.65, 0.7, 0.75)
@@ -97,10 +97,11 @@ def score_samples(dataset: NucleiDataset, model: SegmentationModel, options: Seg
         start = time.perf_counter()
         result = segment(image, model, options)
         seconds = time.perf_counter() - start
-        score = score_image(sample.labels, result.labels)
+        iou = iou_matrix(sample.labels, result.labels)
+        score = score_image(sample.labels, result.labels, iou)
         predictions[sample.id] = result.labels
         probability.append(nucleus_probability(result.labels, result.probabilities))
-        matched.append(matched_predictions(sample.labels, result.labels))
+        matched.append(matched_predictions(sample.labels, result.labels, iou=iou))
         rows.append({"id": sample.id, "modality": modality(sample.image), "height": sample.image.shape[0],
                      "width": sample.image.shape[1], "scale": round(result.scale, 3), "seconds": round(seconds, 3),
                      **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(score).items()}})

@@ -59,11 +59,12 @@ def precision_at(iou: np.ndarray, threshold: float) -> tuple[int, int, int]:
     return tp, fp, fn
 
 
-def score_image(true: np.ndarray, pred: np.ndarray) -> ImageScore:
-    """All metrics of one prediction against the truth (both instance label images)."""
+def score_image(true: np.ndarray, pred: np.ndarray, iou: np.ndarray | None = None) -> ImageScore:
+    """All metrics of one prediction against the truth (both instance label images); ``iou``, their
+    ``iou_matrix`` where the caller already has it, so that it is not computed twice."""
     if true.shape != pred.shape:
         raise ValueError(f"shape mismatch: truth {true.shape} vs prediction {pred.shape}")
-    iou = iou_matrix(true, pred)
+    iou = iou_matrix(true, pred) if iou is None else iou
     n_true, n_pred = iou.shape
     counts = [precision_at(iou, t) for t in THRESHOLDS]
     ratios = [ap_ratio(*c) for c in counts]
@@ -85,10 +86,12 @@ def score_image(true: np.ndarray, pred: np.ndarray) -> ImageScore:
     )
 
 
-def matched_predictions(true: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+def matched_predictions(true: np.ndarray, pred: np.ndarray, threshold: float = 0.5,
+                        iou: np.ndarray | None = None) -> np.ndarray:
     """Whether each predicted nucleus 1..N (numbered without gaps, as the service numbers them)
-    matches a true nucleus at IoU above ``threshold``: the TP (True) and FP (False) of the metric."""
-    iou = iou_matrix(true, pred)
+    matches a true nucleus at IoU above ``threshold``: the TP (True) and FP (False) of the metric.
+    ``iou`` as in ``score_image``."""
+    iou = iou_matrix(true, pred) if iou is None else iou
     if iou.shape[1] != int(pred.max(initial=0)):
         raise ValueError("predicted labels must be numbered 1..N without gaps")
     return (iou > threshold).any(axis=0)
