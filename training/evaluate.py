@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="exported model folder")
     parser.add_argument("--data", type=Path, required=True, help="DSB2018 folder in Kaggle layout")
     parser.add_argument("--split", default="validation", choices=SPLITS,
-                        help="validation (default), training (the images the model trained on: does it fit them?) or all")
+                        help="validation (default), training (the images the model trained on: does it fit them?) "
+                             "or all")
     parser.add_argument("--out", type=Path, help="report folder (default: MODEL/../evaluation)")
     parser.add_argument("--tiling", action=argparse.BooleanOptionalAction, default=None,
                         help="native-resolution tiles (default: the model's mode); --no-tiling resizes")

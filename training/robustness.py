@@ -70,7 +70,7 @@ def measure(model_dir: Path, data_dir: Path, names: list[str], seed: int = 0) ->
         alter = CHANGES[name][1]
         started = time.perf_counter()
         images, _, _ = score_samples(dataset, model,
-                                  change=lambda image, index: alter(image, np.random.default_rng([seed, index])))
+                                     change=lambda image, index: alter(image, np.random.default_rng([seed, index])))
         summary = summarise(images)
         row = {"change": name, "model": str(model_dir), "DSB2018 score": f"{summary['dsb_score']:.3f}",
                "AP@0.5": f"{summary['ap50']:.3f}"}
