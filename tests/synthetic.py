@@ -56,3 +56,24 @@ def make_dataset(root: Path, count: int = 8, seed: int = 0) -> Path:
         image = render(labels, rng, bright_field=(i % 4 == 3))
         write_sample(root, f"img{i:02d}", image, labels, modes[i % 3])
     return root
+
+
+def make_pairs_dataset(root: Path, count: int = 4, seed: int = 1, label_format: str = "tif") -> Path:
+    """An image + label-image folder (``images/<stem>.png``, ``labels/<stem>.<label_format>``), the
+    StarDist / Cellpose layout: RGB tissue-like images (dark nuclei on a pink background), 16-bit
+    labels with gaps in their numbering (ids 10, 20, ...), as users' annotation tools write them."""
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i in range(count):
+        labels = random_labels(rng, (72, 88), count=4, radius=6) * 10
+        gray = render(labels, rng, bright_field=True).astype(np.float32)
+        image = np.stack([gray, gray * 0.7, gray * 0.9], axis=-1).clip(0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"tissue_{i}.png")
+        if label_format == "png":
+            Image.fromarray(labels.astype(np.uint16)).save(root / "labels" / f"tissue_{i}.png")
+        else:
+            tifffile.imwrite(root / "labels" / f"tissue_{i}.tif", labels.astype(np.uint16), compression="zlib")
+    return root

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from tests.synthetic import disc_labels
-from training.matching import THRESHOLDS, iou_matrix, matched_predictions, pooled_ap50, score_image
+from training.matching import (THRESHOLDS, aggregated_jaccard, iou_matrix, matched_predictions, overlaps, pooled_ap50,
+                               score_image)
 
 SHAPE = (40, 60)
 TRUTH = disc_labels(SHAPE, [(10, 10), (10, 40), (30, 25)], 6)
@@ -97,10 +98,44 @@ def test_matched_predictions_marks_each_predicted_nucleus_right_or_false():
     assert matched_predictions(TRUTH, pred, 0.1).tolist() == [True, False, True]
     assert matched_predictions(TRUTH, TRUTH).tolist() == [True, True, True]
     assert matched_predictions(TRUTH, np.zeros(SHAPE, np.int32)).shape == (0,)
-    iou = iou_matrix(TRUTH, pred)  # a matrix the caller already has gives the same answers
-    assert matched_predictions(TRUTH, pred, 0.1, iou=iou).tolist() == [True, False, True]
-    assert score_image(TRUTH, pred, iou) == score_image(TRUTH, pred)
+    counts = overlaps(TRUTH, pred)  # counts the caller already has give the same answers
+    assert matched_predictions(TRUTH, pred, 0.1, iou=counts.iou).tolist() == [True, False, True]
+    assert score_image(TRUTH, pred, counts) == score_image(TRUTH, pred)
     gappy = TRUTH.copy()
     gappy[gappy == 2] = 7
     with pytest.raises(ValueError, match="without gaps"):
         matched_predictions(TRUTH, gappy)
+
+
+def test_aji_by_hand():
+    """Two true squares of 100 px; one prediction covers the first exactly, one covers half of the
+    second (50 px) and 50 px of background, and a false one of 30 px lies elsewhere."""
+    truth = np.zeros((40, 60), np.int32)
+    truth[0:10, 0:10] = 1
+    truth[20:30, 20:30] = 2
+    pred = np.zeros_like(truth)
+    pred[0:10, 0:10] = 1
+    pred[20:30, 25:35] = 2  # 50 px inside nucleus 2, 50 outside
+    pred[35:38, 50:60] = 3  # 30 px false
+    # intersections 100 + 50; unions 100 + 150, plus the untaken 30 px
+    assert aggregated_jaccard(overlaps(truth, pred)) == pytest.approx(150 / 280)
+    assert score_image(truth, pred).aji == pytest.approx(150 / 280)
+    assert score_image(truth, truth).aji == 1.0
+    empty = np.zeros_like(truth)
+    assert score_image(empty, empty).aji == 1.0 and score_image(truth, empty).aji == 0.0
+    assert score_image(empty, pred).aji == 0.0
+
+
+def test_aji_charges_a_merge_by_pixels_and_lets_two_truths_take_one_prediction():
+    truth = np.zeros((20, 40), np.int32)
+    truth[5:15, 5:15] = 1
+    truth[5:15, 15:25] = 2
+    merged = (truth > 0).astype(np.int32)  # one prediction over both
+    # both truths take the merged prediction: intersections 100 + 100, unions 200 + 200
+    assert score_image(truth, merged).aji == pytest.approx(0.5)
+    assert score_image(truth, merged).ap50 == 0.0  # the DSB2018 count sees no match at all
+    missing = truth.copy()
+    missing[missing == 2] = 0  # a true nucleus that overlaps nothing adds its own area to the union
+    assert score_image(truth, missing).aji == pytest.approx(100 / 200)
+    gappy = truth * 5  # ids 5 and 10: gaps are not nuclei
+    assert score_image(gappy, truth).aji == 1.0

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from training.split import modality, sampling_probabilities, split_ids, subsample_ids
+from training.split import group_of, modality, sampling_probabilities, split_by_source, split_ids, subsample_ids
 
 
 def group_shares(groups: list[str], probabilities: np.ndarray) -> dict[str, float]:
@@ -70,3 +70,29 @@ def test_modality_from_background_and_colour():
     assert modality(dark) == "fluorescence"
     assert modality(grey) == "brightfield"
     assert modality(stained) == "histology"
+
+
+def test_sizes_weigh_a_group_by_its_area_and_leave_images_within_it_alike():
+    groups = ["small"] * 100 + ["large"] * 4
+    sizes = [1.0] * 100 + [25.0] * 4  # four images, each as big as 25 small ones
+    probabilities = sampling_probabilities(groups, balance=True, sizes=sizes)
+    assert group_shares(groups, probabilities) == pytest.approx({"small": 0.5, "large": 0.5})
+    assert np.allclose(probabilities[:100], probabilities[0]) and np.allclose(probabilities[100:], probabilities[100])
+    # counted by image, the four would get sqrt(4) / (sqrt(4) + sqrt(100)) of the crops
+    assert group_shares(groups, sampling_probabilities(groups, balance=True))["large"] == pytest.approx(2 / 12)
+
+
+def test_adding_a_source_leaves_the_other_sources_split_as_it_was():
+    ids = [f"img{i:03d}" for i in range(len(GROUPS))]
+    alone = split_by_source(ids, ["dsb"] * len(ids), GROUPS, 0.2, seed=42)
+    assert alone == split_ids(ids, GROUPS, 0.2, seed=42)  # one source: the split every earlier model had
+    extra = [f"tcga{i}" for i in range(13)]
+    train, val = split_by_source(ids + extra, ["dsb"] * len(ids) + ["monuseg"] * 13,
+                                 GROUPS + ["monuseg:histology"] * 13, 0.2, seed=42)
+    assert [i for i in val if i.startswith("img")] == alone[1]
+    assert sum(i.startswith("tcga") for i in val) == 3 and sum(i.startswith("tcga") for i in train) == 10
+
+
+def test_group_names_source_and_modality():
+    dark = np.full((8, 8, 3), 10, np.uint8)
+    assert group_of("monuseg/train", dark) == "monuseg/train:fluorescence"

@@ -1,6 +1,9 @@
-"""Score an exported model with the DSB2018 metric through the service's own code path.
+"""Score an exported model with the DSB2018 metric and AJI through the service's own code path.
 
     python -m training.evaluate --model runs/best/model --data ../shared/data/dsb2018/stage1_train
+    python -m training.evaluate --model runs/best/model --data ../shared/data/monuseg/test --split all
+
+``--data`` takes either layout (Kaggle's, or images/ + labels/) and may be given several times.
 
 Each image is read from its PNG bytes by the service decoder and segmented by
 ``service.pipeline.segment``, exactly what ``POST /segment`` does. Writes ``report.md``,
@@ -27,9 +30,9 @@ from service.pipeline import SegmentOptions, segment
 from service.postprocess import (INSTANCE_DECODERS, PostprocessParams, has_rays, instances_from_probabilities,
                                  nucleus_probability)
 from training import figures
-from training.data import DataError, NucleiDataset, list_sample_dirs, load_dataset, load_sample
+from training.data import DataError, NucleiDataset, Source, load_sources
 from training.export import update_metadata
-from training.matching import iou_matrix, matched_predictions, pooled_ap50, score_image
+from training.matching import matched_predictions, overlaps, pooled_ap50, score_image
 from training.split import MODALITIES, modality
 
 FOREGROUND_GRID = (0.45, 0.55, 0.6, 0.65, 0.7, 0.75)
@@ -40,35 +43,47 @@ BORDER_GRID = (0, 20, 30, 50, 80)  # smallest seedless piece at the image's edge
 SPLITS = ("validation", "training", "all")  # training: the images the model trained on (see split_samples)
 
 
-def split_samples(model: SegmentationModel, data_dir: Path, split: str) -> NucleiDataset:
-    """The images of ``split``: "validation" as the model's metadata records it, "training" (the
-    images it was trained on, as recorded for a model trained on a share of them, else the rest of
-    ``data_dir``: how well the model fits its own images), or "all"."""
-    if split == "all":
-        return load_dataset(data_dir)
+DataSpec = Path | str | Source
+
+
+def as_sources(data: DataSpec | list[DataSpec]) -> list[DataSpec]:
+    """One data folder or several, as a list (the functions here take either)."""
+    return list(data) if isinstance(data, (list, tuple)) else [data]
+
+
+def split_samples(model: SegmentationModel, data: DataSpec | list[DataSpec], split: str) -> NucleiDataset:
+    """The images of ``split`` in the data folders: "validation" as the model's metadata records it
+    (of the folders given, the images whose ids it lists), "training" (the images it was trained
+    on, as recorded for a model trained on a share of them, else the rest of the folders: how well
+    the model fits its own images), or "all" (an external test set)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} ({', '.join(SPLITS)})")
+    dataset = load_sources(as_sources(data))
+    if split == "all":
+        return dataset
     recorded = model.spec.metadata.get("split", {})
     ids = recorded.get("validation_ids")
     if not ids:
         raise ModelLoadError(f"model {model.model_dir} records no validation split; use --split all")
-    by_name = {d.name: d for d in list_sample_dirs(data_dir)}
-    wanted = {"validation": ids}  # checked for a training split too: the complement of a wrong folder is all of it
-    if split == "training":
-        wanted["training"] = recorded.get("training_ids") or sorted(set(by_name) - set(ids))
-    for name, group in wanted.items():
-        missing = [i for i in group if i not in by_name]
-        if missing:
-            raise DataError(f"{len(missing)} {name} ids not in {data_dir}, e.g. {missing[0]}")
-    return NucleiDataset([load_sample(by_name[i]) for i in wanted[split]])
+    present = set(dataset.ids)
+    validation = [i for i in ids if i in present]
+    if not validation:  # a folder the model never saw: its "complement" would be all of it
+        raise DataError(f"none of the model's {len(ids)} validation ids is in {', '.join(s.name for s in dataset.sources)}"
+                        f" (e.g. {ids[0]}); for an external test set use --split all")
+    if split == "validation":
+        return dataset.subset(validation)
+    trained = recorded.get("training_ids")
+    if trained:
+        return dataset.subset([i for i in trained if i in present])
+    return dataset.subset(sorted(present - set(ids)))
 
 
-def evaluate_model(model_dir: Path, data_dir: Path, out_dir: Path, split: str = "validation",
+def evaluate_model(model_dir: Path, data: DataSpec | list[DataSpec], out_dir: Path, split: str = "validation",
                    options: SegmentOptions = SegmentOptions(), worst: int = 6) -> dict:
     """Segment every image of the split, score it, write the report; return the summary."""
     model = SegmentationModel.load(model_dir)
     model.warm()
-    dataset = split_samples(model, data_dir, split)
+    dataset = split_samples(model, data, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, predictions, confidence = score_samples(dataset, model, options)
     summary = summarise(rows)
@@ -97,12 +112,13 @@ def score_samples(dataset: NucleiDataset, model: SegmentationModel, options: Seg
         start = time.perf_counter()
         result = segment(image, model, options)
         seconds = time.perf_counter() - start
-        iou = iou_matrix(sample.labels, result.labels)
-        score = score_image(sample.labels, result.labels, iou)
+        counts = overlaps(sample.labels, result.labels)
+        score = score_image(sample.labels, result.labels, counts)
         predictions[sample.id] = result.labels
         probability.append(nucleus_probability(result.labels, result.probabilities))
-        matched.append(matched_predictions(sample.labels, result.labels, iou=iou))
-        rows.append({"id": sample.id, "modality": modality(sample.image), "height": sample.image.shape[0],
+        matched.append(matched_predictions(sample.labels, result.labels, iou=counts.iou))
+        rows.append({"id": sample.id, "source": sample.source, "modality": modality(sample.image),
+                     "height": sample.image.shape[0],
                      "width": sample.image.shape[1], "scale": round(result.scale, 3), "seconds": round(seconds, 3),
                      **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(score).items()}})
     return rows, predictions, (np.concatenate(probability), np.concatenate(matched))
@@ -121,7 +137,7 @@ def ranking_auc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Means over images, overall and per modality, plus speed."""
+    """Means over images, overall, per modality and per source, plus speed."""
     def mean(key: str, subset: list[dict]) -> float:
         return float(np.mean([r[key] for r in subset])) if subset else float("nan")
 
@@ -133,6 +149,7 @@ def summarise(rows: list[dict]) -> dict:
         "images": len(rows),
         "dsb_score": mean("score", rows),
         "ap50": mean("ap50", rows),
+        "aji": mean("aji", rows),
         "pooled_ap50": pooled(rows),
         "pixel_iou": mean("pixel_iou", rows),
         "dice": mean("dice", rows),
@@ -140,18 +157,26 @@ def summarise(rows: list[dict]) -> dict:
         "predicted_nuclei": int(sum(r["n_pred"] for r in rows)),
         "seconds_per_megapixel": float(sum(r["seconds"] for r in rows) / max(megapixels, 1e-9)),
         "per_modality": {},
+        "per_source": {},
     }
+
+    def part(subset: list[dict]) -> dict:
+        return {"images": len(subset), "dsb_score": mean("score", subset), "ap50": mean("ap50", subset),
+                "aji": mean("aji", subset), "pooled_ap50": pooled(subset)}
+
     for name in MODALITIES:
         subset = [r for r in rows if r["modality"] == name]
         if subset:
-            summary["per_modality"][name] = {"images": len(subset), "dsb_score": mean("score", subset),
-                                             "ap50": mean("ap50", subset), "pooled_ap50": pooled(subset)}
+            summary["per_modality"][name] = part(subset)
+    for name in sorted({r.get("source", "") for r in rows}):
+        summary["per_source"][name] = part([r for r in rows if r.get("source", "") == name])
     return summary
 
 
 def summary_row(name: str, s: dict) -> dict:
     per = s["per_modality"]
     return {"model": name, "DSB2018 score": f"{s['dsb_score']:.3f}", "AP@0.5": f"{s['ap50']:.3f}",
+            "AJI": f"{s['aji']:.3f}",
             **{f"{m} (n={per[m]['images']})": f"{per[m]['dsb_score']:.3f}" for m in MODALITIES if m in per},
             "pixel IoU": f"{s['pixel_iou']:.3f}", "nuclei true/pred": f"{s['true_nuclei']}/{s['predicted_nuclei']}",
             "s per MP": f"{s['seconds_per_megapixel']:.2f}"}
@@ -169,8 +194,10 @@ def markdown_report(summary: dict, rows: list[dict]) -> str:
     return "\n\n".join([
         f"# Evaluation of `{summary['model']}` on the {summary['split']} split ({summary['images']} images)",
         markdown_table([summary_row("model", summary)]),
+        source_table(summary),
         "DSB2018 score: mean over images of the mean over IoU thresholds 0.50..0.95 of TP/(TP+FP+FN); "
-        "AP@0.5 is that ratio at IoU 0.5. Seconds per megapixel include decoding-free segmentation only.",
+        "AP@0.5 is that ratio at IoU 0.5; AJI the aggregated Jaccard index (MoNuSeg's metric), mean over "
+        "images. Seconds per megapixel include decoding-free segmentation only.",
         pooled_note(summary),
         f"Per-nucleus confidence: a predicted nucleus that matches a true one (IoU > 0.5) has a higher "
         f"`nucleus_probability` (its mean P(nucleus), in the service's JSON) than a false one in "
@@ -180,6 +207,13 @@ def markdown_report(summary: dict, rows: list[dict]) -> str:
                         for r in worst]),
         "![worst images](worst.png)",
     ]) + "\n"
+
+
+def source_table(summary: dict) -> str:
+    """Scores per data source (where images came from several), so no source hides behind another."""
+    return markdown_table([{"source": name, "images": v["images"], "DSB2018 score": f"{v['dsb_score']:.3f}",
+                            "AP@0.5": f"{v['ap50']:.3f}", "AJI": f"{v['aji']:.3f}"}
+                           for name, v in summary["per_source"].items()])
 
 
 def pooled_note(summary: dict) -> str:
@@ -209,7 +243,7 @@ def worst_figure(dataset: NucleiDataset, predictions: dict, rows: list[dict], pa
     )
 
 
-def tune_thresholds(model_dir: Path, data_dir: Path, limit: int | None = None) -> dict:
+def tune_thresholds(model_dir: Path, data: DataSpec | list[DataSpec], limit: int | None = None) -> dict:
     """Pick the decoding maximising the DSB2018 score on validation and store it in the model metadata.
 
     Probabilities are computed once per image (the scale chosen with the current thresholds).
@@ -220,7 +254,7 @@ def tune_thresholds(model_dir: Path, data_dir: Path, limit: int | None = None) -
     foreground), and the best of all wins.
     """
     model = SegmentationModel.load(model_dir)
-    dataset = split_samples(model, data_dir, "validation")
+    dataset = split_samples(model, data, "validation")
     samples = dataset.samples[:limit] if limit else dataset.samples
     cached = [(s.labels, segment(s.image, model).probabilities) for s in samples]
     base = replace(model.spec.postprocess, instances="watershed")
@@ -259,7 +293,8 @@ def best_decoding(cached: list[tuple[np.ndarray, np.ndarray]],
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="exported model folder")
-    parser.add_argument("--data", type=Path, required=True, help="DSB2018 folder in Kaggle layout")
+    parser.add_argument("--data", action="append", required=True, metavar="[NAME=]PATH",
+                        help="a folder in Kaggle's DSB2018 layout or images/ + labels/; repeat for several sources")
     parser.add_argument("--split", default="validation", choices=SPLITS,
                         help="validation (default), training (the images the model trained on: does it fit them?) "
                              "or all")

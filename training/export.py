@@ -49,6 +49,27 @@ class ServingModule(tf.Module):
         self.serve = tf.function(serve, input_signature=[spec])
 
 
+def load_serving_weights(model: keras.Model, model_dir: Path) -> None:
+    """Set ``model``'s weights from an exported SavedModel (``--init``: fine-tuning a served model).
+
+    ``ServingModule`` tracks the Keras model's weights as one list, in ``model.weights`` order, so a
+    network built from the same configuration takes them back one by one. A mismatch (another
+    architecture) is refused before any weight is changed.
+    """
+    from service.model import ModelLoadError
+
+    try:
+        stored = list(tf.saved_model.load(str(model_dir)).weights)
+    except (OSError, ValueError, AttributeError) as error:
+        raise ModelLoadError(f"cannot read weights from {model_dir}: {error}") from None
+    if len(stored) != len(model.weights) or any(
+            tuple(s.shape) != tuple(w.shape) for s, w in zip(stored, model.weights)):
+        raise ModelLoadError(f"{model_dir} holds {len(stored)} weights that do not match this network's "
+                             f"{len(model.weights)}: it was trained with another architecture")
+    for weight, value in zip(model.weights, stored):
+        weight.assign(tf.cast(value, weight.dtype))
+
+
 def git_commit() -> str | None:
     """The current commit of the project checkout, if any (recorded for provenance)."""
     try:

@@ -1,8 +1,13 @@
-"""The 2018 Data Science Bowl metric, as one standalone module everything reuses.
+"""The instance metrics, as one standalone module everything reuses.
 
-For one image: at each IoU threshold t in 0.50, 0.55, ..., 0.95 a predicted nucleus matches a
-true one when their IoU exceeds t (for t >= 0.5 a nucleus can match at most one other), and the
-image scores the mean over t of TP / (TP + FP + FN). The data set score is the mean over images.
+DSB2018: for one image, at each IoU threshold t in 0.50, 0.55, ..., 0.95 a predicted nucleus
+matches a true one when their IoU exceeds t (for t >= 0.5 a nucleus can match at most one other),
+and the image scores the mean over t of TP / (TP + FP + FN). The data set score is the mean over images.
+
+AJI (aggregated Jaccard index, MoNuSeg's metric, Kumar et al. 2017): each true nucleus is paired
+with the predicted one of highest IoU; the intersections of the pairs are summed, and so are
+their unions plus the area of every prediction no true nucleus chose. The data set score is the
+mean over images, as the MoNuSeg challenge ranks it.
 """
 
 from __future__ import annotations
@@ -15,19 +20,63 @@ import numpy as np
 THRESHOLDS = np.round(np.arange(0.5, 1.0, 0.05), 2)
 
 
-def iou_matrix(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """IoU between every true (rows) and predicted (columns) instance; labels 1..N, 0 background."""
+@dataclass(frozen=True)
+class Overlaps:
+    """Pixel counts shared by every true (rows) and predicted (columns) instance, and their areas.
+
+    Label ids that do not occur (gaps in the numbering) are not nuclei and have no row or column.
+    """
+
+    intersection: np.ndarray  # (n_true, n_pred) int64
+    area_true: np.ndarray  # (n_true,)
+    area_pred: np.ndarray  # (n_pred,)
+
+    @property
+    def union(self) -> np.ndarray:
+        return self.area_true[:, None] + self.area_pred[None, :] - self.intersection
+
+    @property
+    def iou(self) -> np.ndarray:
+        return self.intersection / np.maximum(self.union, 1)
+
+
+def overlaps(true: np.ndarray, pred: np.ndarray) -> Overlaps:
+    """The :class:`Overlaps` of two instance label images (labels 1..N, 0 background), in one bincount."""
     true = true.astype(np.int64).ravel()
     pred = pred.astype(np.int64).ravel()
     n_true, n_pred = int(true.max(initial=0)), int(pred.max(initial=0))
-    overlap = np.bincount(true * (n_pred + 1) + pred, minlength=(n_true + 1) * (n_pred + 1))
-    overlap = overlap.reshape(n_true + 1, n_pred + 1)
-    area_true = overlap.sum(axis=1, keepdims=True)
-    area_pred = overlap.sum(axis=0, keepdims=True)
-    union = area_true + area_pred - overlap
-    iou = overlap / np.maximum(union, 1)
-    # label ids that do not occur (gaps in the numbering) are not nuclei
-    return iou[1:, 1:][area_true[1:, 0] > 0][:, area_pred[0, 1:] > 0]
+    counts = np.bincount(true * (n_pred + 1) + pred, minlength=(n_true + 1) * (n_pred + 1))
+    counts = counts.reshape(n_true + 1, n_pred + 1)
+    area_true, area_pred = counts.sum(axis=1), counts.sum(axis=0)
+    rows, cols = area_true[1:] > 0, area_pred[1:] > 0
+    return Overlaps(counts[1:, 1:][rows][:, cols], area_true[1:][rows], area_pred[1:][cols])
+
+
+def iou_matrix(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """IoU between every true (rows) and predicted (columns) instance; labels 1..N, 0 background."""
+    return overlaps(true, pred).iou
+
+
+def aggregated_jaccard(counts: Overlaps) -> float:
+    """MoNuSeg's AJI of one image from its :class:`Overlaps` (1 when nothing is true or predicted).
+
+    Each true nucleus takes the prediction of highest IoU (a prediction may be taken by several,
+    as in Kumar et al.'s definition; a true nucleus that overlaps nothing adds its own area to the
+    union); predictions taken by none add their area to the union. Unlike the DSB2018 score, a
+    merged or split nucleus costs in proportion to its pixels, not its count.
+    """
+    n_true, n_pred = counts.intersection.shape
+    if n_true == 0:
+        return 1.0 if n_pred == 0 else 0.0
+    if n_pred == 0:
+        return 0.0
+    best = np.argmax(counts.iou, axis=1)
+    rows = np.arange(n_true)
+    inter = counts.intersection[rows, best]
+    union = np.where(inter > 0, counts.union[rows, best], counts.area_true)
+    taken = np.zeros(n_pred, bool)
+    taken[best[inter > 0]] = True
+    return float(inter.sum() / (union.sum() + counts.area_pred[~taken].sum()))
 
 
 @dataclass(frozen=True)
@@ -36,6 +85,7 @@ class ImageScore:
 
     score: float  # DSB2018: mean over thresholds of TP / (TP + FP + FN)
     ap50: float  # TP / (TP + FP + FN) at IoU 0.5
+    aji: float  # MoNuSeg's aggregated Jaccard index
     n_true: int
     n_pred: int
     pixel_iou: float
@@ -59,16 +109,17 @@ def precision_at(iou: np.ndarray, threshold: float) -> tuple[int, int, int]:
     return tp, fp, fn
 
 
-def score_image(true: np.ndarray, pred: np.ndarray, iou: np.ndarray | None = None) -> ImageScore:
-    """All metrics of one prediction against the truth (both instance label images); ``iou``, their
-    ``iou_matrix`` where the caller already has it, so that it is not computed twice."""
+def score_image(true: np.ndarray, pred: np.ndarray, counts: Overlaps | None = None) -> ImageScore:
+    """All metrics of one prediction against the truth (both instance label images); ``counts``, their
+    ``overlaps`` where the caller already has them, so that they are not computed twice."""
     if true.shape != pred.shape:
         raise ValueError(f"shape mismatch: truth {true.shape} vs prediction {pred.shape}")
-    iou = iou_matrix(true, pred) if iou is None else iou
+    counts = overlaps(true, pred) if counts is None else counts
+    iou = counts.iou
     n_true, n_pred = iou.shape
-    counts = [precision_at(iou, t) for t in THRESHOLDS]
-    ratios = [ap_ratio(*c) for c in counts]
-    tp50, fp50, fn50 = counts[0]
+    per_threshold = [precision_at(iou, t) for t in THRESHOLDS]
+    ratios = [ap_ratio(*c) for c in per_threshold]
+    tp50, fp50, fn50 = per_threshold[0]
     fg_true, fg_pred = true > 0, pred > 0
     inter = np.count_nonzero(fg_true & fg_pred)
     union = np.count_nonzero(fg_true | fg_pred)
@@ -76,6 +127,7 @@ def score_image(true: np.ndarray, pred: np.ndarray, iou: np.ndarray | None = Non
     return ImageScore(
         score=float(np.mean(ratios)),
         ap50=float(ratios[0]),
+        aji=aggregated_jaccard(counts),
         n_true=n_true,
         n_pred=n_pred,
         pixel_iou=1.0 if union == 0 else inter / union,

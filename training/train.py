@@ -1,7 +1,12 @@
-"""Train the U-Net on a DSB2018 folder and export a served-ready model.
+"""Train the U-Net on annotated images and export a served-ready model.
 
     python -m training.train --data ../shared/data/dsb2018/stage1_train --out runs/reference
-    python -m training.train --preset best --data ../shared/data/dsb2018/stage1_train --out runs/best
+    python -m training.train --preset best --data ../shared/data/dsb2018/stage1_train \
+        --data ../shared/data/monuseg/train --out runs/best
+    python -m training.train --init models/default --data MY_DATA --out runs/mine   # fine-tune
+
+``--data`` takes a folder in Kaggle's DSB2018 layout or in the image + label-image layout
+(``images/`` + ``labels/``), as often as there are sources; ``NAME=PATH`` names a source.
 
 The run reads top to bottom: load -> split -> prepare targets -> augment -> build -> fit ->
 export -> evaluate. RUN_DIR receives TensorBoard logs, curves, the architecture, a predictions
@@ -11,6 +16,7 @@ figure, ``metrics.json`` and the exported model in ``RUN_DIR/model``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -21,14 +27,15 @@ from typing import get_args, get_type_hints
 import keras
 import numpy as np
 
+from service.model import METADATA_FILE
 from service.normalise import normalise
 from training import augment, figures
 from training.config import PRESETS, TrainConfig, preset
-from training.data import DataError, NucleiDataset, fingerprint, load_dataset, resize_image
-from training.export import build_metadata, export_model
+from training.data import DataError, NucleiDataset, Source, load_sources, parse_source, resize_image
+from training.export import build_metadata, export_model, load_serving_weights
 from training.losses import pixel_accuracy, segmentation_loss
 from training.model import build_unet, encoder_layer_names, float32_copy, fine_tune_start, precision
-from training.split import modality, sampling_probabilities, split_ids, subsample_ids
+from training.split import group_of, sampling_probabilities, split_by_source, subsample_ids
 from training.targets import CLASS_OF_CODE, make_target, scale_to_canonical
 
 CLASS_NAMES = {2: ["background", "nucleus"], 3: ["background", "interior", "boundary"]}
@@ -73,7 +80,9 @@ def make_datasets(train: Prepared, val: Prepared, config: TrainConfig):
         train_ds = augment.resize_dataset(np.stack(train.images), np.stack(train.targets), config, training=True)
         val_ds = augment.resize_dataset(np.stack(val.images), np.stack(val.targets), config, training=False)
     else:
-        probs = sampling_probabilities(train.groups, config.balance_modalities, config.balance_power)
+        crop_pixels = (config.image_size * 1.5) ** 2  # crop_dataset's crop, before rotation and zoom
+        sizes = [max(1.0, image.shape[0] * image.shape[1] / crop_pixels) for image in train.images]
+        probs = sampling_probabilities(train.groups, config.balance_modalities, config.balance_power, sizes)
         train_ds = augment.crop_dataset(train.images, train.targets, probs, config)
         val_x, val_y = augment.centre_crops(val.images, val.targets, config.image_size)
         val_ds = augment.resize_dataset(val_x, val_y, config, training=False)
@@ -127,17 +136,26 @@ def count_params(model: keras.Model) -> dict[str, int]:
     return {"trainable": trainable, "total": total}
 
 
-def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bool = True) -> dict:
-    """The whole run; returns the metrics written to ``RUN_DIR/metrics.json``."""
+def train(config: TrainConfig, data: list[Path | str | Source], run_dir: Path, evaluate_after: bool = True,
+          init: Path | None = None) -> dict:
+    """The whole run; returns the metrics written to ``RUN_DIR/metrics.json``.
+
+    ``data`` are the sources (folders in either layout); ``init`` an exported model whose weights
+    the network starts from (fine-tuning; ``config`` must then have that model's architecture).
+    """
     keras.utils.set_random_seed(config.seed)
     started = time.time()
-    dataset = load_dataset(data_dir)
+    dataset = load_sources(list(data) if isinstance(data, (list, tuple)) else [data])
     run_dir.mkdir(parents=True, exist_ok=True)  # after the data loads: a bad --data leaves nothing behind
-    groups = {s.id: modality(s.image) for s in dataset.samples}
-    train_ids, val_ids = split_ids(dataset.ids, [groups[i] for i in dataset.ids], config.val_fraction, config.seed)
+    groups = {s.id: group_of(s.source, s.image) for s in dataset.samples}
+    train_ids, val_ids = split_by_source(dataset.ids, [s.source for s in dataset.samples],
+                                         [groups[i] for i in dataset.ids], config.val_fraction, config.seed)
     train_ids = subsample_ids(train_ids, [groups[i] for i in train_ids], config.train_fraction, config.seed)
     print(f"data: {len(dataset)} images, {len(train_ids)} train / {len(val_ids)} validation "
           f"({time.time() - started:.1f} s to load)")
+    for group in sorted(set(groups.values())):
+        print(f"  {group}: {sum(groups[i] == group for i in train_ids)} train / "
+              f"{sum(groups[i] == group for i in val_ids)} validation")
     train_set = prepare(dataset.subset(train_ids), config, groups)
     val_set = prepare(dataset.subset(val_ids), config, groups)
     train_ds, val_ds, steps = make_datasets(train_set, val_set, config)
@@ -145,6 +163,9 @@ def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bo
     fixed_size = True if config.inference == "resize" else None
     with precision(config.precision):
         model = build_unet(config, fixed_size=fixed_size)
+    if init is not None:
+        load_serving_weights(model, init)
+        print(f"weights: from {init}")
     compile_model(model, config, steps)
     write_architecture(model, run_dir)
     params = count_params(model)
@@ -176,7 +197,8 @@ def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bo
     metadata = build_metadata(
         config.to_dict(), classes=output_names(config), inference=inference, postprocess=postprocess,
         extra={"split": split_record(config, train_ids, val_ids),
-               "data": {"path": str(data_dir), "fingerprint": fingerprint(data_dir), "images": len(dataset)},
+               "data": data_record(dataset),
+               **({"init": init_record(init)} if init is not None else {}),
                "validation_metrics": {k: v for k, v in metrics["final"].items() if k.startswith("val_")},
                "training": {k: metrics[k] for k in ("epochs", "steps_per_epoch", "fit_seconds",
                                                     "train_images_per_second", "parameters")}},
@@ -193,9 +215,30 @@ def train(config: TrainConfig, data_dir: Path, run_dir: Path, evaluate_after: bo
         from training.evaluate import evaluate_model, tune_thresholds
 
         if config.num_classes == 3:
-            tune_thresholds(model_dir, data_dir)
-        evaluate_model(model_dir, data_dir, run_dir / "evaluation")
+            tune_thresholds(model_dir, dataset.sources)
+        evaluate_model(model_dir, dataset.sources, run_dir / "evaluation")
     return metrics
+
+
+def data_record(dataset: NucleiDataset) -> dict:
+    """What the metadata keeps of the training data: every source with its licence, plus totals.
+
+    ``fingerprint`` is the one source's own (as models trained on one folder always recorded it),
+    or a hash over all of them.
+    """
+    counts = {s.name: sum(x.source == s.name for x in dataset.samples) for s in dataset.sources}
+    sources = [s.record(counts[s.name]) for s in dataset.sources]
+    combined = sources[0]["fingerprint"] if len(sources) == 1 else hashlib.sha256(
+        "".join(f"{s['name']}:{s['fingerprint']}" for s in sources).encode()).hexdigest()[:16]
+    return {"images": len(dataset), "fingerprint": combined, "sources": sources,
+            "licences": sorted({s["licence"] for s in sources}),
+            **({"path": sources[0]["path"]} if len(sources) == 1 else {})}
+
+
+def init_record(init: Path) -> dict:
+    """Provenance of a fine-tuned model: the model it started from and that model's training data."""
+    metadata = json.loads((Path(init) / METADATA_FILE).read_text())
+    return {"model": str(init), "git_commit": metadata.get("git_commit"), "data": metadata.get("data", {})}
 
 
 def split_record(config: TrainConfig, train_ids: list[str], val_ids: list[str]) -> dict:
@@ -217,9 +260,14 @@ def non_negative(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="DSB2018 folder in Kaggle layout")
+    parser.add_argument("--data", action="append", required=True, metavar="[NAME=]PATH",
+                        help="training data: a folder in Kaggle's DSB2018 layout or images/ + labels/; repeat for "
+                             "several sources (each keeps its name, the split is stratified by source and modality)")
     parser.add_argument("--out", type=Path, required=True, help="run folder (created)")
-    parser.add_argument("--preset", default="reference", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="recipe (default: reference, or the --init model's own recipe)")
+    parser.add_argument("--init", type=Path, metavar="MODEL",
+                        help="fine-tune: start from this exported model's weights and recipe (e.g. models/default)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--steps-per-epoch", type=int)
     parser.add_argument("--image-size", type=int)
@@ -269,7 +317,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     parser.add_argument("--no-evaluate", action="store_true", help="skip the DSB2018 evaluation at the end")
     args = parser.parse_args(argv)
     try:
-        config = preset(args.preset).override(
+        config = base_config(args.preset, args.init).override(
             epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, image_size=args.image_size,
             batch_size=args.batch_size, learning_rate=args.learning_rate, encoder_weights=args.encoder_weights,
             fine_tune=args.fine_tune, seed=args.seed, val_fraction=args.val_fraction,
@@ -294,10 +342,31 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
     return config, args
 
 
+def base_config(name: str | None, init: Path | None) -> TrainConfig:
+    """The recipe before command-line overrides: the named preset, or the ``--init`` model's own.
+
+    A fine-tuned network must have the architecture of the one it starts from, so ``--init``
+    takes that model's recorded configuration; ImageNet weights are not loaded (they would be
+    overwritten at once).
+    """
+    if init is None:
+        return preset(name or "reference")
+    if name is not None:
+        raise ValueError("--preset and --init exclude each other: a fine-tuned model keeps its start model's recipe")
+    path = Path(init) / METADATA_FILE
+    if not path.is_file():
+        raise ValueError(f"--init {init}: no {METADATA_FILE} there (expected an exported model folder)")
+    recorded = json.loads(path.read_text()).get("training_config")
+    if not recorded:
+        raise ValueError(f"--init {init}: its metadata records no training_config")
+    return replace(TrainConfig.from_dict(recorded), encoder_weights="none")
+
+
 def main(argv: list[str] | None = None) -> None:
     config, args = parse_args(argv)
     try:
-        train(config, args.data, args.out, evaluate_after=not args.no_evaluate)
+        sources = [parse_source(spec) for spec in args.data]  # before anything is built: a bad --data is a message
+        train(config, sources, args.out, evaluate_after=not args.no_evaluate, init=args.init)
     except DataError as error:
         sys.exit(f"error: {error}")
 
