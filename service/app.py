@@ -32,7 +32,8 @@ from service.encode import labels_png, mask_png, overlay_png, rle_document, subm
 from service.batching import MicroBatcher, Overloaded
 from service.metrics import Metrics
 from service.model import SegmentationModel
-from service.pipeline import DeadlineExceeded, SegmentOptions, segment
+from service.pipeline import DeadlineExceeded, SegmentOptions, SizeError, segment
+from service.size import DIAMETER_RANGE
 from service.postprocess import nucleus_probability
 from service.tiling import ImageShapeError
 
@@ -291,14 +292,23 @@ async def segment_upload(request: Request, data: bytes, name: str | None, model:
                             headers={"Retry-After": "1"}) from None
     except (asyncio.TimeoutError, DeadlineExceeded):
         raise HTTPException(status_code=504, detail=f"request took longer than {timeout:g} s") from None
-    except ImageShapeError as exc:
+    except (ImageShapeError, SizeError) as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None
 
 
-def request_options(settings: Settings, tiling: bool | None, tta: bool, min_size: int | None) -> SegmentOptions:
+def request_options(settings: Settings, tiling: bool | None, tta: bool, min_size: int | None,
+                    diameter: float | None = None) -> SegmentOptions:
     """The pipeline options of one request (shared by /segment and /segment/batch)."""
-    return SegmentOptions(tiling=tiling, tta=tta, min_size=min_size, tile_batch_size=settings.tile_batch_size,
-                          max_tile_size=settings.max_tile_size)
+    return SegmentOptions(tiling=tiling, tta=tta, min_size=min_size, diameter=diameter,
+                          tile_batch_size=settings.tile_batch_size, max_tile_size=settings.max_tile_size)
+
+
+#: The ``diameter`` query parameter, shared by /segment and /segment/batch.
+DIAMETER_QUERY = Query(ge=DIAMETER_RANGE[0], le=DIAMETER_RANGE[1], description=(
+    "Typical nucleus diameter in pixels of the uploaded image (as Cellpose's diameter). The image is "
+    "rescaled once so its nuclei reach the model's canonical size; nothing is estimated. Default: "
+    "estimated from the image (reliable from about 10 to 80 px); give it for very large or very small "
+    "nuclei, e.g. images from 60x-100x objectives."))
 
 
 def image_id(filename: str | None, index: int) -> str:
@@ -353,9 +363,10 @@ def _install_routes(app: FastAPI) -> None:
         tta: Annotated[bool, Query(description="Test-time flips: average 4 flipped predictions (4x slower).")] = False,
         min_size: Annotated[int | None, Query(ge=0, le=1_000_000, description=(
             "Drop nuclei smaller than this many pixels. Default: the model's tuned value."))] = None,
+        diameter: Annotated[float | None, DIAMETER_QUERY] = None,
     ) -> Response:
         data = await read_upload(file, settings)
-        options = request_options(settings, tiling, tta, min_size)
+        options = request_options(settings, tiling, tta, min_size, diameter)
         image, labels, probability = await segment_upload(request, data, file.filename, model, options)
         return await run_in_threadpool(encode_response, image, labels, format, probability)
 
@@ -378,10 +389,11 @@ def _install_routes(app: FastAPI) -> None:
         tiling: Annotated[bool | None, Query(description="As for /segment.")] = None,
         tta: Annotated[bool, Query(description="As for /segment.")] = False,
         min_size: Annotated[int | None, Query(ge=0, le=1_000_000, description="As for /segment.")] = None,
+        diameter: Annotated[float | None, DIAMETER_QUERY] = None,
     ) -> Response:
         if len(files) > settings.max_batch_files:
             raise HTTPException(status_code=413, detail=f"{len(files)} files; at most {settings.max_batch_files} per batch")
-        options = request_options(settings, tiling, tta, min_size)
+        options = request_options(settings, tiling, tta, min_size, diameter)
         documents = []
         for index, upload in enumerate(files):  # one image in memory at a time
             data = await read_upload(upload, settings)

@@ -1,8 +1,8 @@
 """The request path as one function: decoded RGB image -> instance labels.
 
-``normalise`` -> model (``resize`` like the reference, or ``tile`` at native resolution with
-the nucleus size brought to the model's canonical size) -> ``postprocess``. The HTTP app and the
-evaluation both call :func:`segment`, so the numbers we report are the numbers users get.
+``normalise`` -> size (given, or estimated once: ``service.size``) -> rescale -> model
+(``resize`` like the reference, or ``tile`` at native resolution) -> ``postprocess``. The HTTP
+app and the evaluation both call :func:`segment`, so the numbers we report are the numbers users get.
 """
 
 from __future__ import annotations
@@ -16,21 +16,9 @@ import numpy as np
 from service.model import SegmentationModel
 from service.normalise import normalise
 from service.postprocess import (RAY_START, PostprocessParams, flipped_ray_order, has_rays,
-                                 instances_from_probabilities, median_diameter)
+                                 instances_from_probabilities)
+from service.size import DIAMETER_RANGE, View, estimated_view, scale_for_diameter
 from service.tiling import DEFAULT_MAX_TILE, check_max_tile, predict_tiled
-
-#: Scale factors applied to reach the canonical nucleus size are kept within these bounds
-#: (upscaling costs time quadratically; beyond 4x down, nuclei are bigger than any training crop).
-SCALE_LIMITS = (0.25, 2.0)
-#: Upscaling never makes the working image larger than this (memory and time stay bounded).
-MAX_UPSCALED_PIXELS = 16_000_000
-#: A first-pass scale estimate within this band of 1 is accepted without a second pass.
-SCALE_TOLERANCE = (0.8, 1.25)
-#: The first look at an image is at this scale (a quarter of the pixels) ...
-COARSE_SCALE = 0.5
-#: ... and is trusted when its nuclei are at least this fraction of the canonical size there
-#: (the smallest size the training's zoom augmentation shows the model, canonical / 1.5, rounded up).
-COARSE_TRUST = 0.75
 
 
 @dataclass(frozen=True)
@@ -43,10 +31,14 @@ class SegmentOptions:
     tile_batch_size: int = 8  # pixels per model call: this many tiles of the model's input size
     max_tile_size: int = DEFAULT_MAX_TILE  # largest tile side; tiles are sized to the image up to it
     auto_scale: bool = True  # rescale to the canonical nucleus size (tile mode, when the model has one)
+    diameter: float | None = None  # typical nucleus diameter (px of the image): sets the scale, nothing estimated
     deadline: float | None = None  # time.monotonic() after which the work is abandoned
 
     def __post_init__(self) -> None:
         check_max_tile(self.max_tile_size)
+        if self.diameter is not None and not DIAMETER_RANGE[0] <= self.diameter <= DIAMETER_RANGE[1]:
+            raise ValueError(f"diameter must be within {DIAMETER_RANGE[0]:g}-{DIAMETER_RANGE[1]:g} px, "
+                             f"got {self.diameter:g}")
 
 
 class DeadlineExceeded(TimeoutError):
@@ -62,67 +54,42 @@ class Segmentation:
     probabilities: np.ndarray  # (H, W, C) class probabilities the labels were decoded from
 
 
+class SizeError(ValueError):
+    """A ``diameter`` was given for a model that has no canonical nucleus size to bring it to."""
+
+
 def segment(image: np.ndarray, model: SegmentationModel, options: SegmentOptions = SegmentOptions()) -> Segmentation:
     """Segment one ``(H, W, 3) uint8`` RGB image into nucleus instances at its own size."""
     spec = model.spec
     params = spec.postprocess if options.min_size is None else replace(spec.postprocess, min_size=options.min_size)
     image = normalise(image, spec.normalise)
     tiling = spec.inference == "tile" if options.tiling is None else options.tiling
+    if options.diameter is not None and not (tiling and spec.canonical_diameter):
+        raise SizeError("diameter needs tiled inference and a model that records a canonical nucleus size "
+                        "(inference.canonical_diameter in its metadata); this request or model has neither")
     if not tiling:
         size = (spec.image_size, spec.image_size)
         probs = probabilities_at(image, model, size, options, tiled=False)
         return Segmentation(instances_from_probabilities(probs, params), 1.0, probs)
-    if not (options.auto_scale and spec.canonical_diameter):
-        probs = probabilities_at(image, model, None, options)
-        return Segmentation(instances_from_probabilities(probs, params), 1.0, probs)
     sizing = replace(params, instances="watershed")  # sizes need nuclei, not their exact shapes: the cheap decoding
-    scale, probs, labels = first_pass(image, model, options, sizing)
-    upper = max(1.0, min(SCALE_LIMITS[1], (MAX_UPSCALED_PIXELS / image.shape[0] / image.shape[1]) ** 0.5))
-    for _ in range(2):  # a far-off first estimate is refined once more
-        proposed = rescale_factor(labels, spec.canonical_diameter)  # labels are at native size
-        proposed = float(np.clip(proposed, SCALE_LIMITS[0], upper))
-        if SCALE_TOLERANCE[0] <= proposed / scale <= SCALE_TOLERANCE[1]:
-            break
-        new_probs = probabilities_at(image, model, scaled_size(image, proposed), options)
-        new_labels = instances_from_probabilities(new_probs, sizing)
-        if np.count_nonzero(new_labels) < 0.5 * np.count_nonzero(labels):
-            break  # the rescaled view lost most of the nuclei: the size estimate was wrong
-        scale, probs, labels = proposed, new_probs, new_labels
-    if params != sizing:  # StarDist polygons: decoded once, from the pass that is kept
-        labels = instances_from_probabilities(probs, params)
-    return Segmentation(labels, scale, probs)
 
+    def look(scale: float) -> View:
+        probs = probabilities_at(image, model, None if scale == 1.0 else scaled_size(image, scale), options)
+        return View(scale, probs, instances_from_probabilities(probs, sizing))
 
-def first_pass(image: np.ndarray, model: SegmentationModel, options: SegmentOptions,
-               params: PostprocessParams) -> tuple[float, np.ndarray, np.ndarray]:
-    """Scale, probabilities and labels of the first look at the image, from which its size is estimated.
-
-    At native resolution the model cuts nuclei far larger than its canonical size into fragments
-    that look canonical, so a native first pass cannot see that it should shrink the image. A
-    quarter-cost look at ``COARSE_SCALE`` first: when the nuclei it finds are still at least
-    ``COARSE_TRUST`` of the canonical size at that scale, they are large and that look is kept;
-    otherwise the nuclei are small and the native pass decides.
-    """
-    canonical = model.spec.canonical_diameter
-    coarse = probabilities_at(image, model, scaled_size(image, COARSE_SCALE), options)
-    coarse_labels = instances_from_probabilities(coarse, params)
-    diameter = median_diameter(coarse_labels)  # native pixels
-    if diameter is not None and diameter * COARSE_SCALE >= COARSE_TRUST * canonical:
-        return COARSE_SCALE, coarse, coarse_labels
-    del coarse, coarse_labels  # peak memory: one image-sized probability map at a time
-    probs = probabilities_at(image, model, None, options)
-    return 1.0, probs, instances_from_probabilities(probs, params)
+    if options.diameter is not None:
+        view = look(scale_for_diameter(options.diameter, spec.canonical_diameter, image.shape))
+    elif options.auto_scale and spec.canonical_diameter:
+        view = estimated_view(look, spec.canonical_diameter, image.shape)
+    else:
+        view = look(1.0)
+    labels = view.labels if params == sizing else instances_from_probabilities(view.probabilities, params)
+    return Segmentation(labels, view.scale, view.probabilities)  # StarDist polygons: decoded once, from the kept view
 
 
 def scaled_size(image: np.ndarray, scale: float) -> tuple[int, int]:
     """``(height, width)`` of ``image`` resized by ``scale`` (at least one pixel each)."""
     return max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))
-
-
-def rescale_factor(labels: np.ndarray, canonical: float) -> float:
-    """Factor that would bring the median nucleus in ``labels`` to ``canonical`` pixels across."""
-    diameter = median_diameter(labels)
-    return 1.0 if diameter is None else canonical / diameter
 
 
 def probabilities_at(image: np.ndarray, model: SegmentationModel, size: tuple[int, int] | None,

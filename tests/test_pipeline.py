@@ -14,7 +14,8 @@ import pytest
 from scipy import ndimage as ndi
 
 from service.model import ModelSpec, SegmentationModel
-from service.pipeline import COARSE_SCALE, SCALE_LIMITS, SegmentOptions, segment
+from service.pipeline import SegmentOptions, SizeError, segment
+from service.size import COARSE_SCALE, SCALE_LIMITS, View, estimated_view, scale_for_diameter
 from service.postprocess import PostprocessParams
 
 CANONICAL = 20.0
@@ -79,3 +80,48 @@ def test_auto_scale_off_runs_native_resolution_only():
     model = DiskModel()
     result = segment(disks(60, 2), model, SegmentOptions(auto_scale=False))
     assert result.scale == 1.0 and result.labels.max() == 4
+
+
+@pytest.mark.parametrize("diameter", [10, 20, 60])
+def test_a_given_diameter_is_one_pass_at_its_scale(diameter: int):
+    model = DiskModel()
+    image = disks(diameter, 4)
+    result = segment(image, model, SegmentOptions(diameter=float(diameter)))
+    assert result.scale == pytest.approx(float(np.clip(CANONICAL / diameter, *SCALE_LIMITS)))
+    assert result.labels.max() == 16
+    side = round(image.shape[0] * result.scale)  # every model call tiles the one rescaled image, once
+    processed = sum(n * h * w for n, h, w, _ in model.calls)
+    assert side * side <= processed < 4 * side * side
+    assert len({c[1:3] for c in model.calls}) == 1  # one tiling: no look at another scale
+
+
+def test_diameter_is_validated_and_needs_a_canonical_size():
+    with pytest.raises(ValueError, match="diameter"):
+        SegmentOptions(diameter=0.5)
+    with pytest.raises(ValueError, match="diameter"):
+        SegmentOptions(diameter=5000.0)
+    with pytest.raises(SizeError, match="canonical"):
+        segment(disks(20, 2), DiskModel(), SegmentOptions(diameter=20.0, tiling=False))
+
+
+def test_the_estimate_looks_at_most_twice_before_the_chosen_pass():
+    """Large nuclei: the half-scale look, then the chosen scale. Canonical ones: the look and the native pass,
+    which is kept. Small ones: the look, the native pass that sizes them, then the upscaled pass."""
+    for diameter, expected in ((60, [0.5, 1 / 3]), (20, [0.5, 1.0]), (10, [0.5, 1.0, 2.0])):
+        asked: list[float] = []
+
+        def look(scale: float) -> View:
+            asked.append(scale)
+            labels = disk_labels_at(diameter)
+            return View(scale, np.zeros((*labels.shape, 3), np.float32), labels)
+
+        view = estimated_view(look, CANONICAL, (400, 400))
+        assert asked == pytest.approx(expected, rel=0.03) and view.scale == pytest.approx(expected[-1], rel=0.03)
+    assert scale_for_diameter(1.0, CANONICAL, (400, 400)) == SCALE_LIMITS[1]  # bounded
+    assert scale_for_diameter(20.0, CANONICAL, (8000, 8000)) == 1.0  # never upscaled past the pixel cap
+
+
+def disk_labels_at(diameter: int) -> np.ndarray:
+    """Native-size labels of the disk grid (the stand-in look finds the nuclei exactly at every scale)."""
+    labels, _ = ndi.label(disks(diameter, 4)[..., 0] > 127)
+    return labels

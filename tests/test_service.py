@@ -153,8 +153,11 @@ def bomb() -> bytes:
         (b"\0" * 2_000_001, "", 413),  # over max_upload_bytes
         (png(np.zeros((50, 50), np.uint8)), "?format=jpeg", 422),
         (png(np.zeros((50, 50), np.uint8)), "?min_size=-1", 422),
+        (png(np.zeros((50, 50), np.uint8)), "?diameter=0", 422),
+        (png(np.zeros((50, 50), np.uint8)), "?diameter=20&tiling=false", 422),  # no canonical size without tiles
     ],
-    ids=["empty", "not-an-image", "truncated", "bomb", "too-many-bytes", "bad-format", "bad-min-size"],
+    ids=["empty", "not-an-image", "truncated", "bomb", "too-many-bytes", "bad-format", "bad-min-size",
+         "bad-diameter", "diameter-without-tiles"],
 )
 def test_bad_input_gets_a_clear_4xx_and_service_keeps_serving(client, sample_image, body, query, status):
     r = client("POST", f"/segment{query}", **upload(body))
@@ -174,7 +177,9 @@ def test_missing_field_and_too_many_batch_files(client, sample_image):
 def test_openapi_documents_every_parameter(client):
     schema = client("GET", "/openapi.json").json()
     op = schema["paths"]["/segment"]["post"]
-    assert {p["name"] for p in op["parameters"]} == {"format", "tiling", "tta", "min_size"}
+    assert {p["name"] for p in op["parameters"]} == {"format", "tiling", "tta", "min_size", "diameter"}
+    batch = schema["paths"]["/segment/batch"]["post"]
+    assert "diameter" in {p["name"] for p in batch["parameters"]}
     assert all(p.get("description") for p in op["parameters"])
     assert {"200", "413", "415", "422", "503"} <= set(op["responses"])
     assert client("GET", "/docs").status_code == 200
@@ -244,3 +249,21 @@ def test_timeout_gives_504_and_overload_gives_503(loaded_model, tile_model_dir, 
     monkeypatch.setattr(loaded_model, "predict", overloaded)
     r = busy("POST", "/segment", **upload(png(sample_image)))
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+
+def test_a_given_diameter_sets_the_scale_of_one_request_and_of_a_batch(client, sample_image, loaded_model):
+    """The sample's nuclei are 14 px across; told they are 3x that, the service shrinks the image 3x
+    more than it would for its own estimate, and the batch endpoint takes the same parameter."""
+    from service.decode import decode_image
+    from service.pipeline import SegmentOptions, segment
+
+    canonical = loaded_model.spec.canonical_diameter
+    data = png(sample_image)
+    r = client("POST", "/segment?format=rle&diameter=42", **upload(data))
+    assert r.status_code == 200
+    expected = segment(decode_image(data), loaded_model, SegmentOptions(diameter=42.0))
+    assert expected.scale == pytest.approx(canonical / 42.0)
+    assert r.json()["count"] == expected.labels.max()
+    files = [("files", ("a.png", data, "image/png"))]
+    batch = client("POST", "/segment/batch?diameter=42", files=files)
+    assert batch.status_code == 200 and batch.json()[0]["count"] == expected.labels.max()
