@@ -111,9 +111,38 @@ def test_report_is_built_from_the_runs(tile_run: Path, dataset_dir: Path, tmp_pa
     shutil.copytree(run / "model", out)
     report = write_report(run, run, dataset_dir, out).read_text()
     summary = json.loads((run / "evaluation" / "summary.json").read_text())
-    assert f"{summary['dsb_score']:.3f}" in report and "use the same split" in report
+    assert f"{summary['dsb_score']:.3f}" in report and "share them" in report
     for name in ("overlay_examples.png", "curves.png", "worst.png", "predictions.png"):
         assert (out / name).is_file()
+
+
+def test_report_compares_models_on_validation_and_the_external_test_set(tile_run: Path, dataset_dir: Path,
+                                                                       tmp_path: Path):
+    from tests.synthetic import make_pairs_dataset
+    from training.scale_sweep import sweep, sweep_subset
+    from service.model import SegmentationModel
+
+    run = tmp_path / "run"
+    shutil.copytree(tile_run, run)
+    test = make_pairs_dataset(tmp_path / "external" / "test", count=3)
+    evaluations = tmp_path / "eval"
+    val = evaluate_model(run / "model", dataset_dir, evaluations / "shipped" / "dsb_val")
+    shutil.copytree(evaluations / "shipped" / "dsb_val", run / "evaluation")
+    tested = evaluate_model(run / "model", test, evaluations / "shipped" / "monuseg_test", split="all")
+    evaluate_model(run / "model", test, evaluations / "previous" / "monuseg_test", split="all")
+    model = SegmentationModel.load(run / "model")
+    points = sweep(model, sweep_subset(split_samples(model, dataset_dir, "validation"), 2, 0), factors=(1.0, 2.0))
+    (tmp_path / "sweep.json").write_text(json.dumps({"points": [p.__dict__ for p in points]}))
+    (tmp_path / "commands.txt").write_text("python -m training.evaluate --model M --data D\n")
+    out = tmp_path / "shipped"
+    shutil.copytree(run / "model", out)
+    report = write_report(run, run, dataset_dir, out, evaluations, test, tmp_path / "sweep.json",
+                          tmp_path / "commands.txt").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| shipped")][0]
+    assert f"{val['dsb_score']:.3f}" in table and f"{tested['aji']:.3f}" in table
+    assert [line for line in report.splitlines() if line.startswith("| previous")][0].count("| - ") >= 2
+    assert "## Scale sweep" in report and "2x" in report and "python -m training.evaluate --model M" in report
+    assert (out / "test_overlays.png").is_file() and "licence" in report
 
 
 def test_report_recipe_names_the_encoder_training_and_the_modality_sampling():
