@@ -419,7 +419,10 @@ def public_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     split = metadata.get("split", {})
     public["split"] = {k: split[k] for k in ("seed", "val_fraction") if k in split}
     data = metadata.get("data", {})
-    public["data"] = {k: data[k] for k in ("fingerprint", "images") if k in data}
+    public["data"] = {k: data[k] for k in ("fingerprint", "images", "licences") if k in data}
+    if data.get("sources"):  # every training source with its licence: users must know what they may do
+        public["data"]["sources"] = [{k: source[k] for k in ("name", "images", "licence") if k in source}
+                                     for source in data["sources"]]
     return public
 
 

@@ -183,3 +183,5 @@ def test_model_info_hides_paths_and_ids(client):
     text = str(info)
     assert "validation_ids" not in text and "git_commit" not in text and "path" not in info.get("data", {})
     assert info["classes"] and info["data"]["fingerprint"]
+    sources = info["data"]["sources"]  # every training source and its licence, without its path on disk
+    assert sources and all(set(s) == {"name", "images", "licence"} for s in sources) and "/tmp" not in text

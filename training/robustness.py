@@ -26,7 +26,7 @@ from scipy import ndimage as ndi
 
 from service.model import ModelLoadError, SegmentationModel
 from training.data import DataError
-from training.evaluate import markdown_table, score_samples, split_samples, summarise
+from training.evaluate import DataSpec, markdown_table, score_samples, split_samples, summarise
 from training.export import write_text_atomic
 from training.split import MODALITIES
 
@@ -60,7 +60,7 @@ CHANGES: dict[str, tuple[str, Change]] = {
 }
 
 
-def measure(model_dir: Path, data_dir: Path, names: list[str], seed: int = 0) -> list[dict]:
+def measure(model_dir: Path, data_dir: DataSpec | list[DataSpec], names: list[str], seed: int = 0) -> list[dict]:
     """One row per change: DSB2018 score and AP@0.5, overall and per modality, and the minutes it took."""
     model = SegmentationModel.load(model_dir)
     model.warm()
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, action="append", required=True,
                         help="exported model folder (repeat to compare models on the same changed images)")
-    parser.add_argument("--data", type=Path, required=True, help="DSB2018 folder in Kaggle layout")
+    parser.add_argument("--data", action="append", required=True, metavar="[NAME=]PATH",
+                        help="the model's training data, either layout (its validation split is scored); repeatable")
     parser.add_argument("--changes", nargs="+", choices=list(CHANGES), default=list(CHANGES),
                         help="which changes (default: all)")
     parser.add_argument("--out", type=Path, help="markdown file to write (default: print only)")
