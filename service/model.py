@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service.modality import MODALITIES, modality
 from service.postprocess import PostprocessParams, check_decoder
 from service.tiling import GRID
 
@@ -44,6 +45,14 @@ class ModelSpec:
     tile_overlap: int
     postprocess: PostprocessParams
     metadata: dict[str, Any] = field(repr=False)
+    #: Decodings tuned for one modality (``service.modality``) where its validation images chose other thresholds.
+    postprocess_by_modality: dict[str, PostprocessParams] = field(default_factory=dict)
+
+    def postprocess_for(self, image: np.ndarray) -> PostprocessParams:
+        """The decoding for this (raw RGB) image: its modality's own where the model has one."""
+        if not self.postprocess_by_modality:
+            return self.postprocess
+        return self.postprocess_by_modality.get(modality(image), self.postprocess)
 
     @property
     def tile_pixels(self) -> int:
@@ -64,8 +73,14 @@ class ModelSpec:
             tile_overlap=int(infer.get("tile_overlap", 32)),
             postprocess=PostprocessParams.from_dict(metadata.get("postprocess")),
             metadata=metadata,
+            postprocess_by_modality={name: PostprocessParams.from_dict(params)
+                                     for name, params in (metadata.get("postprocess_by_modality") or {}).items()},
         )
-        check_decoder(spec.postprocess, spec.num_classes)
+        for params in (spec.postprocess, *spec.postprocess_by_modality.values()):
+            check_decoder(params, spec.num_classes)
+        unknown = set(spec.postprocess_by_modality) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"postprocess_by_modality names unknown modalities {sorted(unknown)}; known: {MODALITIES}")
         return spec
 
 

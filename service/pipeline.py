@@ -61,7 +61,8 @@ class SizeError(ValueError):
 def segment(image: np.ndarray, model: SegmentationModel, options: SegmentOptions = SegmentOptions()) -> Segmentation:
     """Segment one ``(H, W, 3) uint8`` RGB image into nucleus instances at its own size."""
     spec = model.spec
-    params = spec.postprocess if options.min_size is None else replace(spec.postprocess, min_size=options.min_size)
+    params = spec.postprocess_for(image)  # the raw image's modality may have thresholds of its own
+    params = params if options.min_size is None else replace(params, min_size=options.min_size)
     image = normalise(image, spec.normalise)
     tiling = spec.inference == "tile" if options.tiling is None else options.tiling
     if options.diameter is not None and not (tiling and spec.canonical_diameter):

@@ -101,6 +101,36 @@ def test_tune_thresholds_stores_them_in_metadata(tile_run: Path, dataset_dir: Pa
     assert (served.seed_threshold, served.seed_sigma) == (chosen["seed_threshold"], chosen["seed_sigma"])
     assert chosen["seed_threshold"] in SEED_GRID and chosen["seed_sigma"] in SIGMA_GRID
     assert chosen["border_min_size"] in BORDER_GRID and served.border_min_size == chosen["border_min_size"]
+    assert meta["postprocess_by_modality"] == {}  # 8 tiny images: no modality has enough to be tuned alone
+
+
+def test_a_modality_tuned_alone_is_served_its_own_decoding(tile_run: Path, dataset_dir: Path, tmp_path: Path,
+                                                           monkeypatch):
+    import training.evaluate as evaluate
+    from service.modality import modality
+    from service.pipeline import segment
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tile_run / "model", model_dir)
+    monkeypatch.setattr(evaluate, "MIN_MODALITY_IMAGES", 1)
+    monkeypatch.setattr(evaluate, "MIN_MODALITY_GAIN", -1.0)  # keep every modality's own choice
+    tune_thresholds(model_dir, dataset_dir)
+    meta = json.loads((model_dir / "metadata.json").read_text())
+    kinds = {modality(s.image) for s in split_samples(SegmentationModel.load(model_dir), dataset_dir, "validation")
+             .samples}
+    assert set(meta["postprocess_by_modality"]) == kinds and all(
+        "tuned_on" in v for v in meta["postprocess_by_modality"].values())
+    # the service reads them, and segment() decodes an image of that modality with its own
+    name = sorted(kinds)[0]
+    meta["postprocess_by_modality"][name]["min_size"] = 10**6  # drops every nucleus: visibly this decoding
+    (model_dir / "metadata.json").write_text(json.dumps(meta))
+    model = SegmentationModel.load(model_dir)
+    image = next(s.image for s in load_dataset(dataset_dir).samples if modality(s.image) == name)
+    assert model.spec.postprocess_for(image).min_size == 10**6 and segment(image, model).labels.max() == 0
+    meta["postprocess_by_modality"] = {"confocal": meta["postprocess"]}
+    (model_dir / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(Exception, match="unknown modalities"):
+        SegmentationModel.load(model_dir)
 
 
 def test_report_is_built_from_the_runs(tile_run: Path, dataset_dir: Path, tmp_path: Path):

@@ -224,6 +224,14 @@ def test_overlays(model_dir: Path, test_data: Path, path: Path, count: int = 3) 
     return [s.id for s in picked]
 
 
+def modality_decodings_note(metadata: dict, seed_map: str) -> str:
+    """The decodings tuned for one modality alone (``postprocess_by_modality``), where there are any."""
+    own = metadata.get("postprocess_by_modality") or {}
+    return "".join(f"\n  For {name} images: {decoding_note(PostprocessParams.from_dict(params), seed_map)}; nuclei under "
+                   f"{params.get('min_size')} px are dropped ({params.get('tuned_on', '')})."
+                   for name, params in own.items())
+
+
 def write_report(best_run: Path, reference_run: Path, data: Path | list[Path], out: Path,
                  evaluations: Path | None = None, test_data: Path | None = None, sweep: Path | None = None,
                  commands: Path | None = None) -> Path:
@@ -312,7 +320,7 @@ AJI: MoNuSeg's aggregated Jaccard index, averaged over images.
   more than the 0.8-1.25 tolerance (the rescaled pass is kept only if it keeps at least half the
   foreground). Tiles are sized to the image (sides at most {SegmentOptions.max_tile_size} px,
   `NUCLEI_MAX_TILE_SIZE`; training saw {cfg.image_size}x{cfg.image_size} crops) with cosine blending;
-  {decoding_note(post, seed_map)}; nuclei under {post.min_size} px are dropped. ({tuned_on})
+  {decoding_note(post, seed_map)}; nuclei under {post.min_size} px are dropped. ({tuned_on}){modality_decodings_note(best['metadata'], seed_map)}
 
 ## Notes
 

@@ -8,21 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-MODALITIES = ("fluorescence", "brightfield", "histology")
-
-
-def modality(image: np.ndarray) -> str:
-    """Coarse modality of an RGB ``uint8`` image from its background and colour.
-
-    Fluorescence has a dark background; bright-field and H&E a bright one, and H&E is coloured.
-    """
-    gray = image.mean(axis=-1)
-    if np.median(gray) < 100:
-        return "fluorescence"
-    channels = image.reshape(-1, 3).astype(np.float32)
-    saturation = (channels.max(1) - channels.min(1)) / np.maximum(channels.max(1), 1.0)
-    return "histology" if float(saturation.mean()) > 0.12 else "brightfield"
-
+from service.modality import MODALITIES, modality  # noqa: F401 (re-exported: training's callers use them)
 
 def split_ids(ids: list[str], groups: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Split ``ids`` into (train, validation), ``val_fraction`` of each group to validation."""
