@@ -81,7 +81,7 @@ def test_training_split_is_the_recorded_share_when_the_model_trained_on_part_of_
     assert [s.id for s in split_samples(model, dataset_dir, "training").samples] == rest[: len(rest) // 2]
     meta["split"]["training_ids"] = ["not_in_the_data"]
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(DataError, match="1 training ids not in"):
+    with pytest.raises(DataError, match="none of the model's 1 training ids"):
         split_samples(SegmentationModel.load(model_dir), dataset_dir, "training")
 
 

@@ -73,9 +73,13 @@ def split_samples(model: SegmentationModel, data: DataSpec | list[DataSpec], spl
     if split == "validation":
         return dataset.subset(validation)
     trained = recorded.get("training_ids")
-    if trained:
-        return dataset.subset([i for i in trained if i in present])
-    return dataset.subset(sorted(present - set(ids)))
+    if not trained:
+        return dataset.subset(sorted(present - set(ids)))
+    kept = [i for i in trained if i in present]  # the recorded share may span sources not given here
+    if not kept:
+        raise DataError(f"none of the model's {len(trained)} training ids is in "
+                        f"{', '.join(s.name for s in dataset.sources)} (e.g. {trained[0]})")
+    return dataset.subset(kept)
 
 
 def evaluate_model(model_dir: Path, data: DataSpec | list[DataSpec], out_dir: Path, split: str = "validation",
