@@ -116,8 +116,8 @@ def sampling_note(cfg: TrainConfig) -> str:
     if cfg.balance_power == 1.0:
         return "crops drawn equally from each modality (fluorescence, bright-field, stained tissue)"
     power = cfg.balance_power
-    return (f"bright-field and stained-tissue images oversampled (each image weighs group size ** -{power:g}, "
-            f"so a modality gets crops ~ its size ** {1 - power:g})")
+    return (f"crops drawn per group of source and modality, a group getting crops ~ its size ** {1 - power:g} "
+            f"(its size: its area in training crops), so rare modalities and large images are oversampled")
 
 
 def distance_note(config: TrainConfig) -> str:
@@ -238,6 +238,8 @@ def write_report(best_run: Path, reference_run: Path, data: Path | list[Path], o
     """REPORT.md of the model in ``out`` from its run, the compared models' evaluations, the
     scale sweep and the commands that produced them (a text file copied in verbatim)."""
     best, ref = load_run(best_run), load_run(reference_run)
+    if (out / "metadata.json").is_file():  # the shipped copy holds the tuned thresholds
+        best["metadata"] = json.loads((out / "metadata.json").read_text())
     for name in ("curves.png", "predictions.png"):
         shutil.copy(best_run / name, out / name)
     shutil.copy(best_run / "evaluation" / "worst.png", out / "worst.png")
