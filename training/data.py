@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Container
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,28 +236,39 @@ def load_pair(image_path: Path, label_path: Path) -> Sample:
     return Sample(image_path.stem, image, labels)
 
 
-def load_dataset(root: Path | Source, with_masks: bool = True, workers: int | None = None) -> NucleiDataset:
-    """Load every sample of one folder (either layout) at native resolution, decoding in parallel threads.
+def sample_ids(source: Source) -> list[str]:
+    """The ids of a folder's samples (folder names, or pair stems), read from the listing alone."""
+    if source.layout == "pairs":
+        return [image.stem for image, _ in list_pairs(source.path)]
+    return [d.name for d in list_sample_dirs(source.path)]
+
+
+def load_dataset(root: Path | Source, with_masks: bool = True, workers: int | None = None,
+                 ids: Container[str] | None = None) -> NucleiDataset:
+    """Load the samples of one folder (either layout) at native resolution, decoding in parallel threads.
 
     PNG decoding in Pillow and zlib releases the GIL, so threads scale on the cores we have.
+    ``ids``: only these samples (a validation split is a fifth of its folder; the rest is not decoded).
     """
     source = root if isinstance(root, Source) else parse_source(root)
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         if source.layout == "pairs":
-            samples = list(pool.map(lambda pair: load_pair(*pair), list_pairs(source.path)))
+            pairs = [pair for pair in list_pairs(source.path) if ids is None or pair[0].stem in ids]
+            samples = list(pool.map(lambda pair: load_pair(*pair), pairs))
         else:
-            samples = list(pool.map(lambda d: load_sample(d, with_masks), list_sample_dirs(source.path)))
+            dirs = [d for d in list_sample_dirs(source.path) if ids is None or d.name in ids]
+            samples = list(pool.map(lambda d: load_sample(d, with_masks), dirs))
     for sample in samples:
         sample.source = source.name
     return NucleiDataset(samples, [source])
 
 
-def load_sources(specs: list[str | Path | Source]) -> NucleiDataset:
+def load_sources(specs: list[str | Path | Source], ids: Container[str] | None = None) -> NucleiDataset:
     """Load several data folders as one data set; each sample keeps its source's name.
 
     Ids must be unique across sources (the split and the metadata refer to images by id), and
-    two sources may not share a name.
+    two sources may not share a name. ``ids``: only these samples, as in :func:`load_dataset`.
     """
     sources = [spec if isinstance(spec, Source) else parse_source(spec) for spec in specs]
     if not sources:
@@ -267,7 +279,7 @@ def load_sources(specs: list[str | Path | Source]) -> NucleiDataset:
     samples: list[Sample] = []
     seen: dict[str, str] = {}
     for source in sources:
-        for sample in load_dataset(source).samples:
+        for sample in load_dataset(source, ids=ids).samples:
             if sample.id in seen:
                 raise DataError(f"image id {sample.id!r} occurs in both {seen[sample.id]} and {source.name}")
             seen[sample.id] = source.name

@@ -30,7 +30,7 @@ from service.pipeline import SegmentOptions, segment
 from service.postprocess import (INSTANCE_DECODERS, PostprocessParams, has_rays, instances_from_probabilities,
                                  nucleus_probability)
 from training import figures
-from training.data import DataError, NucleiDataset, Source, load_sources
+from training.data import DataError, NucleiDataset, Source, load_sources, parse_source, sample_ids
 from training.export import update_metadata
 from training.matching import matched_predictions, overlaps, pooled_ap50, score_image
 from training.split import MODALITIES, modality
@@ -58,28 +58,28 @@ def split_samples(model: SegmentationModel, data: DataSpec | list[DataSpec], spl
     the model fits its own images), or "all" (an external test set)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} ({', '.join(SPLITS)})")
-    dataset = load_sources(as_sources(data))
+    sources = [spec if isinstance(spec, Source) else parse_source(spec) for spec in as_sources(data)]
     if split == "all":
-        return dataset
+        return load_sources(sources)
     recorded = model.spec.metadata.get("split", {})
     ids = recorded.get("validation_ids")
     if not ids:
         raise ModelLoadError(f"model {model.model_dir} records no validation split; use --split all")
-    present = set(dataset.ids)
+    present = {i for source in sources for i in sample_ids(source)}  # listed, not decoded
+    names = ", ".join(s.name for s in sources)
     validation = [i for i in ids if i in present]
     if not validation:  # a folder the model never saw: its "complement" would be all of it
-        raise DataError(f"none of the model's {len(ids)} validation ids is in {', '.join(s.name for s in dataset.sources)}"
+        raise DataError(f"none of the model's {len(ids)} validation ids is in {names}"
                         f" (e.g. {ids[0]}); for an external test set use --split all")
     if split == "validation":
-        return dataset.subset(validation)
+        return load_sources(sources, ids=set(validation))
     trained = recorded.get("training_ids")
     if not trained:
-        return dataset.subset(sorted(present - set(ids)))
+        return load_sources(sources, ids=present - set(ids))
     kept = [i for i in trained if i in present]  # the recorded share may span sources not given here
     if not kept:
-        raise DataError(f"none of the model's {len(trained)} training ids is in "
-                        f"{', '.join(s.name for s in dataset.sources)} (e.g. {trained[0]})")
-    return dataset.subset(kept)
+        raise DataError(f"none of the model's {len(trained)} training ids is in {names} (e.g. {trained[0]})")
+    return load_sources(sources, ids=set(kept))
 
 
 def evaluate_model(model_dir: Path, data: DataSpec | list[DataSpec], out_dir: Path, split: str = "validation",
