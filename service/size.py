@@ -8,10 +8,12 @@ rescales each upload the same way before the tiles: size -> rescale -> tiles -> 
   fixes the scale: one pass, nothing estimated.
 * Otherwise the size is read off the model's own output. At native resolution the model cuts
   nuclei far larger than its canonical size into canonical-looking fragments, so a native look
-  cannot tell that it should shrink the image; a quarter-cost look at ``COARSE_SCALE`` comes first.
-  When the nuclei it finds are large there (at least ``COARSE_TRUST`` of canonical), that look
-  decides the scale. Otherwise the nuclei are small, and the native pass, needed anyway, decides.
-  Either way the chosen scale is run once (unless it is the look's own), and the looks' numbers
+  cannot tell that it should shrink the image; cheap looks at ``COARSE_SCALES`` come first (a
+  quarter of the pixels, then a sixteenth). The coarsest look whose nuclei are still large there
+  (at least ``COARSE_TRUST`` of canonical) decides the scale: the half-scale look alone still cuts
+  nuclei of four times the canonical size into pieces, which the quarter-scale look sees whole.
+  When no look finds large nuclei they are small, and the native pass, needed anyway, decides.
+  Either way the chosen scale is run once (unless it is a look's own), and the looks' numbers
   are not used again.
 
 This module decides; it runs nothing itself. The caller's ``look(scale)`` computes the
@@ -35,9 +37,10 @@ SCALE_LIMITS = (0.25, 2.0)
 MAX_UPSCALED_PIXELS = 16_000_000
 #: A look whose own nuclei imply a scale within this band of its own is kept as the final pass.
 SCALE_TOLERANCE = (0.8, 1.25)
-#: The first look at an image is at this scale (a quarter of the pixels) ...
-COARSE_SCALE = 0.5
-#: ... and decides when its nuclei are at least this fraction of the canonical size there
+#: The looks at an image before any full-resolution pass, finest first: the next one is taken only
+#: while the nuclei are large at the current one (1/4 and 1/16 of the pixels) ...
+COARSE_SCALES = (0.5, 0.25)
+#: ... and a look decides when its nuclei are at least this fraction of the canonical size there
 #: (the smallest size the training's zoom augmentation shows the model, canonical / 1.5, rounded up).
 COARSE_TRUST = 0.75
 #: Smallest and largest ``diameter`` (px) a request may give.
@@ -76,16 +79,13 @@ def within_tolerance(proposed: float, current: float) -> bool:
 def estimated_view(look: Look, canonical: float, shape: tuple[int, ...]) -> View:
     """Estimate the nucleus size from the model's output and return the view at the chosen scale.
 
-    At most three passes (the half-scale look, the native pass, one rescaled pass) and usually
-    two; for large nuclei the look plus one pass. A rescaled pass that loses most of the nucleus
-    pixels of the view it was estimated from means the estimate was wrong: that view is kept.
+    Usually two passes: for small and canonical nuclei the half-scale look and the native pass
+    (plus an upscaled pass when they are small); for large nuclei the coarse looks (the quarter
+    scale costs a quarter of the half) plus one pass. A rescaled pass that loses most of the
+    nucleus pixels of the view it was estimated from means the estimate was wrong: that view is kept.
     """
-    coarse = look(COARSE_SCALE)
-    diameter = median_diameter(coarse.labels)  # native pixels
-    if diameter is not None and diameter * COARSE_SCALE >= COARSE_TRUST * canonical:
-        base = coarse  # large nuclei: the half-scale look sees them whole
-    else:
-        del coarse  # peak memory: one image-sized probability map at a time
+    base, diameter = coarse_view(look, canonical)
+    if base is None:
         base = look(1.0)
         diameter = median_diameter(base.labels)
     if diameter is None:
@@ -97,3 +97,16 @@ def estimated_view(look: Look, canonical: float, shape: tuple[int, ...]) -> View
     if np.count_nonzero(rescaled.labels) < 0.5 * np.count_nonzero(base.labels):
         return base
     return rescaled
+
+
+def coarse_view(look: Look, canonical: float) -> tuple[View | None, float | None]:
+    """The coarsest of the ``COARSE_SCALES`` looks whose nuclei are large there, with their median
+    diameter in native pixels; ``(None, None)`` when the nuclei are small even at the first look."""
+    best: tuple[View | None, float | None] = (None, None)
+    for scale in COARSE_SCALES:
+        view = look(scale)
+        diameter = median_diameter(view.labels)
+        if diameter is None or diameter * scale < COARSE_TRUST * canonical:
+            break  # too small here: the finer look (or the native pass) sees them better
+        best = (view, diameter)
+    return best

@@ -15,7 +15,7 @@ from scipy import ndimage as ndi
 
 from service.model import ModelSpec, SegmentationModel
 from service.pipeline import SegmentOptions, SizeError, segment
-from service.size import COARSE_SCALE, SCALE_LIMITS, View, estimated_view, scale_for_diameter
+from service.size import COARSE_SCALES, SCALE_LIMITS, View, estimated_view, scale_for_diameter
 from service.postprocess import PostprocessParams
 
 CANONICAL = 20.0
@@ -69,7 +69,7 @@ def test_large_nuclei_are_sized_from_the_coarse_look_without_a_native_pass():
     segment(image, model)
     # the first look is the coarse one: 240 px in 2x2 tiles of 128 px (the stand-in's budget of 8 tiles of 64 px
     # allows tiles up to 160 px, which a native pass over the 480-px image would use)
-    assert round(image.shape[0] * COARSE_SCALE) == 240 and model.calls[0][1:3] == (128, 128)
+    assert round(image.shape[0] * COARSE_SCALES[0]) == 240 and model.calls[0][1:3] == (128, 128)
     # the coarse look plus the pass at the final scale cost fewer model pixels than the image has,
     # so no native-resolution pass (which needs at least that many) was run
     processed = sum(n * h * w for n, h, w, _ in model.calls)
@@ -105,9 +105,12 @@ def test_diameter_is_validated_and_needs_a_canonical_size():
 
 
 def test_the_estimate_looks_at_most_twice_before_the_chosen_pass():
-    """Large nuclei: the half-scale look, then the chosen scale. Canonical ones: the look and the native pass,
-    which is kept. Small ones: the look, the native pass that sizes them, then the upscaled pass."""
-    for diameter, expected in ((60, [0.5, 1 / 3]), (20, [0.5, 1.0]), (10, [0.5, 1.0, 2.0])):
+    """Large nuclei: the half- and quarter-scale looks, then the chosen scale (none when the quarter look is it).
+    Canonical ones: the half-scale look and the native pass, which is kept. Small ones: the look, the native
+    pass that sizes them, then the upscaled pass. Middling ones (40 px: 10 px at a quarter) stop at the half."""
+    cases = ((160, [0.5, 0.25], 0.25), (60, [0.5, 0.25, 1 / 3], 1 / 3), (40, [0.5, 0.25], 0.5),
+             (20, [0.5, 1.0], 1.0), (10, [0.5, 1.0, 2.0], 2.0))
+    for diameter, expected, final in cases:
         asked: list[float] = []
 
         def look(scale: float) -> View:
@@ -116,7 +119,7 @@ def test_the_estimate_looks_at_most_twice_before_the_chosen_pass():
             return View(scale, np.zeros((*labels.shape, 3), np.float32), labels)
 
         view = estimated_view(look, CANONICAL, (400, 400))
-        assert asked == pytest.approx(expected, rel=0.03) and view.scale == pytest.approx(expected[-1], rel=0.03)
+        assert asked == pytest.approx(expected, rel=0.03) and view.scale == pytest.approx(final, rel=0.03)
     assert scale_for_diameter(1.0, CANONICAL, (400, 400)) == SCALE_LIMITS[1]  # bounded
     assert scale_for_diameter(20.0, CANONICAL, (8000, 8000)) == 1.0  # never upscaled past the pixel cap
 

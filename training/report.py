@@ -316,9 +316,9 @@ AJI: MoNuSeg's aggregated Jaccard index, averaged over images.
   percentile intensity stretch shared by training and serving. Precision:
   {cfg.precision} during training; the exported network computes in float32.
 - Inference (`service.size`, `service.pipeline`): the image is stretched; with `diameter` given it is
-  rescaled once so its nuclei are {cfg.canonical_diameter} px; otherwise their size is read off a look at
-  half scale (decisive when the nuclei there are still at least 3/4 of the canonical size, i.e. large),
-  else off the native pass, and the image is run once more at the chosen scale where that is off by
+  rescaled once so its nuclei are {cfg.canonical_diameter} px; otherwise their size is read off looks at
+  half and then quarter scale (the coarsest where the nuclei are still at least 3/4 of the canonical
+  size, i.e. large, decides), else off the native pass, and the image is run once more at the chosen scale where that is off by
   more than the 0.8-1.25 tolerance (the rescaled pass is kept only if it keeps at least half the
   foreground). Tiles are sized to the image (sides at most {SegmentOptions.max_tile_size} px,
   `NUCLEI_MAX_TILE_SIZE`; training saw {cfg.image_size}x{cfg.image_size} crops) with cosine blending;
