@@ -13,6 +13,7 @@ time of one request goes.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -24,11 +25,12 @@ import numpy as np
 from benchmarks.harness import ROOT, Server, big_image, drive, pct, png_bytes, real_images
 
 # ---------------------------------------------------------------- in-process
-def loaded_model(model_dir: Path):  # noqa: ANN201 (SegmentationModel; TensorFlow is imported lazily)
-    """The model, loaded and warmed once for every in-process measurement."""
+def loaded_model(model_dir: Path, options=None):  # noqa: ANN001, ANN201 (RuntimeOptions, SegmentationModel)
+    """The model compiled for ``options`` (default: the service's defaults), loaded and warmed once."""
     from service.model import SegmentationModel
+    from service.runtime import RuntimeOptions
 
-    model = SegmentationModel.load(model_dir)
+    model = SegmentationModel.load(model_dir, options or RuntimeOptions())
     model.warm()
     return model
 
@@ -166,6 +168,100 @@ def kept_notes(path: Path) -> str:
     return text[text.index(NOTES_MARKER):] if NOTES_MARKER in text else f"\n{NOTES_MARKER}\n"
 
 
+# ---------------------------------------------------------------- runtimes x precisions
+def parse_runtimes(text: str) -> list[tuple[str, str]]:
+    """``openvino:bf16,tensorflow:f32`` -> [("openvino", "bf16"), ("tensorflow", "f32")]."""
+    pairs = [tuple(item.split(":", 1)) if ":" in item else (item, "f32") for item in text.split(",") if item]
+    return [(runtime, precision) for runtime, precision in pairs]
+
+
+def compare_runtimes(model_dir: Path, int8_dir: Path | None, runtimes: list[tuple[str, str]],
+                     image: np.ndarray, served_batch: int, rounds: int = 7) -> list[dict]:
+    """Each runtime x precision in the same run, interleaved A, B, C, A, B, C, ... so machine drift hits all alike.
+
+    Per round and runtime: one 256x256 tile at batch 1, ``served_batch`` tiles in one call, and
+    ``segment()`` of ``image`` end to end. Labels are compared with the first runtime's (the reference).
+    """
+    from service.pipeline import segment
+    from service.runtime import RuntimeOptions
+    from training.matching import score_image
+
+    models = {}
+    for runtime, precision in runtimes:
+        folder = int8_dir if precision == "int8" and int8_dir else model_dir
+        start = time.perf_counter()
+        models[(runtime, precision)] = loaded_model(folder, RuntimeOptions(runtime, precision))
+        print(f"{runtime} {precision}: loaded and warmed in {time.perf_counter() - start:.1f} s", flush=True)
+    tile = next(iter(models.values())).spec.image_size
+    rng = np.random.default_rng(0)
+    one, many = (rng.integers(0, 255, (n, tile, tile, 3), dtype=np.uint8) for n in (1, served_batch))
+    times: dict = {key: {"tile_b1": [], "tile_served": [], "end_to_end": []} for key in models}
+    labels = {}
+    for key, model in models.items():  # each shape's first call, out of the timings
+        model.predict_now(one), model.predict_now(many)
+        labels[key] = segment(image, model).labels
+    for _ in range(rounds):
+        for key, model in models.items():
+            t0 = time.perf_counter()
+            model.predict_now(one)
+            t1 = time.perf_counter()
+            model.predict_now(many)
+            t2 = time.perf_counter()
+            segment(image, model)
+            t3 = time.perf_counter()
+            times[key]["tile_b1"].append(t1 - t0)
+            times[key]["tile_served"].append((t2 - t1) / served_batch)
+            times[key]["end_to_end"].append(t3 - t2)
+    megapixels = image.shape[0] * image.shape[1] / 1e6
+    reference = labels[next(iter(models))]
+    rows = []
+    for key, model in models.items():
+        t = {name: statistics.median(values) for name, values in times[key].items()}
+        rows.append({"runtime": key[0], "precision": model.network.precision, "threads": model.network.threads,
+                     "tile_b1_ms": t["tile_b1"] * 1000, "tile_served_ms": t["tile_served"] * 1000,
+                     "seconds_per_mp": t["end_to_end"] / megapixels,
+                     "nuclei": int(labels[key].max()), "identical_labels": bool(np.array_equal(labels[key], reference)),
+                     "ap50_vs_reference": score_image(reference, labels[key]).ap50})
+    base = rows[0]
+    for row in rows:
+        row["tile_b1_speedup"] = base["tile_b1_ms"] / row["tile_b1_ms"]
+        row["tile_served_speedup"] = base["tile_served_ms"] / row["tile_served_ms"]
+        row["end_to_end_speedup"] = base["seconds_per_mp"] / row["seconds_per_mp"]
+    return rows
+
+
+def runtime_rows(rows: list[dict], served_batch: int) -> list[str]:
+    """Markdown: the runtime x precision speed table (ratios to the first row, measured in the same run)."""
+    lines = [f"| runtime, precision | threads | ms / tile, batch 1 | x | ms / tile, batch {served_batch} | x "
+             "| s / MP end to end | x | nuclei | labels = reference | AP@0.5 vs reference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['runtime']} {r['precision']} | {r['threads']} | {r['tile_b1_ms']:.1f} | "
+                     f"{r['tile_b1_speedup']:.2f} | {r['tile_served_ms']:.1f} | {r['tile_served_speedup']:.2f} | "
+                     f"{r['seconds_per_mp']:.3f} | {r['end_to_end_speedup']:.2f} | {r['nuclei']} | "
+                     f"{'yes' if r['identical_labels'] else 'no'} | {r['ap50_vs_reference']:.3f} |")
+    return lines + [""]
+
+
+def served_throughput(model_dir: Path, int8_dir: Path | None, runtimes: list[tuple[str, str]],
+                      payloads: list[bytes], requests: int, levels=(1, 8)) -> list[tuple]:
+    """Images/s through the real server per runtime x precision at each concurrency, and its cold start."""
+    rows = []
+    for runtime, precision in runtimes:
+        folder = int8_dir if precision == "int8" and int8_dir else model_dir
+        server = Server({"NUCLEI_MODEL_DIR": str(folder), "NUCLEI_RUNTIME": runtime, "NUCLEI_PRECISION": precision})
+        try:
+            drive(server.url, payloads, 2, 8)
+            rates = []
+            for c in levels:
+                latencies, wall, errors = drive(server.url, payloads, c, requests)
+                rates.append((len(latencies) / wall, errors))
+        finally:
+            server.stop()
+        rows.append((runtime, precision, server.cold_start, rates))
+    return rows
+
+
 # ---------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,8 +271,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="0.25,1,4,16", help="megapixels for the size sweep")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per size (median)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
+    parser.add_argument("--runtimes", default="tensorflow:f32,openvino:f32,openvino:bf16",
+                        help="runtime:precision pairs compared in one run, the first the reference ('' skips)")
+    parser.add_argument("--int8-model", type=Path, help="the quantized copy (training.quantize) for openvino:int8")
+    parser.add_argument("--only-runtimes", action="store_true", help="only the runtime comparison")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.runtimes:
+        runtime_section(args, argv)
+    if args.only_runtimes:
+        return
 
     images, source = real_images(16)
     payloads = [png_bytes(im) for im in images]
@@ -256,6 +360,38 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + kept_notes(args.out))
+    print(text)
+
+
+def runtime_section(args: argparse.Namespace, argv: list[str] | None) -> None:
+    """Write the runtime x precision comparison (``docs/runtimes.md``, beside ``--out``)."""
+    from service.config import Settings
+
+    runtimes = parse_runtimes(args.runtimes)
+    images, source = real_images(16)
+    big = big_image(images[0], 1.0)
+    served_batch = Settings().batch_max_size
+    rows = compare_runtimes(args.model_dir, args.int8_model, runtimes, big, served_batch)
+    served = served_throughput(args.model_dir, args.int8_model, runtimes, [png_bytes(im) for im in images],
+                               args.requests)
+    lines = ["# Runtimes and precisions\n",
+             f"Command: `python -m benchmarks.serve_bench {' '.join(argv or sys.argv[1:])}` on {os.cpu_count()} "
+             f"CPUs, {time.strftime('%Y-%m-%d %H:%M')}. Model `{args.model_dir}`. In one process, interleaved "
+             f"round by round; medians of 7 rounds; x: speed-up over the first row, in the same run. End to end: "
+             f"`segment()` of a {big.shape[1]}x{big.shape[0]} tiling of a real image ({source}); its labels "
+             "compared with the first row's.\n"]
+    lines += runtime_rows(rows, served_batch)
+    lines += ["Through the server (`nuclei-serve`, 256x256 images, " f"{args.requests} requests per level):\n",
+              "| runtime, precision | cold start s | images/s, concurrency 1 | images/s, concurrency 8 | errors |",
+              "|---|---|---|---|---|"]
+    for runtime, precision, cold, rates in served:
+        lines.append(f"| {runtime} {precision} | {cold:.1f} | {rates[0][0]:.1f} | {rates[1][0]:.1f} | "
+                     f"{rates[0][1] + rates[1][1]} |")
+    out = args.out.parent / "runtimes.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(lines) + "\n"
+    out.write_text(text + kept_notes(out))
+    (out.with_suffix(".json")).write_text(json.dumps({"rows": rows, "served": served}, indent=2))
     print(text)
 
 

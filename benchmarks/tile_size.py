@@ -106,11 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "tiles.md")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from service.app import configure_tensorflow_threads
     from service.config import Settings
 
-    configure_tensorflow_threads(Settings())  # the service's thread settings
-    model = loaded_model(args.model_dir)
+    model = loaded_model(args.model_dir, Settings().runtime_options())  # the service's runtime and threads
     small, source = real_images(16)
     sets = {"16 images of 256x256": small, **{f"{mp:g} MP": [big_image(small[0], mp)] for mp in (0.25, 1, 4)}}
 

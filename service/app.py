@@ -73,9 +73,8 @@ RLE_EXAMPLE = {
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load (unless injected) and warm the model once per process, attach the batcher, then serve."""
     settings: Settings = app.state.settings
-    configure_tensorflow_threads(settings)
     if app.state.model is None:
-        app.state.model = await run_in_threadpool(SegmentationModel.load, settings.model_dir)
+        app.state.model = await run_in_threadpool(SegmentationModel.load, settings.model_dir, settings.runtime_options())
     model: SegmentationModel = app.state.model
     await run_in_threadpool(model.warm)
     batcher = MicroBatcher(model.predict_now, settings.batch_max_size, settings.batch_max_wait_ms,
@@ -83,7 +82,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                            unit_pixels=model.spec.tile_pixels)
     model.attach_batcher(batcher)
     app.state.ready = True
-    log.info("model %s loaded and warmed", model.model_dir)
+    network = model.network
+    log.info("model %s loaded and warmed (%s, %s, %s threads)", model.model_dir,
+             getattr(network, "runtime", "?"), getattr(network, "precision", "?"), getattr(network, "threads", "?"))
     if not settings.api_key:
         log.warning("no API key set (NUCLEI_API_KEY): the service is open to every client")
     try:
@@ -92,19 +93,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.ready = False
         model.attach_batcher(None)
         batcher.close()
-
-
-def configure_tensorflow_threads(settings: Settings) -> None:
-    """Apply the TF thread settings; TensorFlow accepts them only before its first operation."""
-    import tensorflow as tf
-
-    try:
-        if settings.tf_intra_op_threads:
-            tf.config.threading.set_intra_op_parallelism_threads(settings.tf_intra_op_threads)
-        if settings.tf_inter_op_threads:
-            tf.config.threading.set_inter_op_parallelism_threads(settings.tf_inter_op_threads)
-    except RuntimeError:
-        log.warning("TensorFlow already initialised: thread settings apply from the next start")
 
 
 def create_app(settings: Settings | None = None, model: SegmentationModel | None = None) -> FastAPI:
@@ -335,7 +323,9 @@ def _install_routes(app: FastAPI) -> None:
     @app.get("/model", tags=["model"], summary="The served model's metadata.json plus the service version.",
              responses={503: ERROR_RESPONSES[503]})
     async def model_info(model: ModelDep, _: AuthDep) -> dict[str, Any]:
-        return {"service_version": __version__, **public_metadata(model.spec.metadata)}
+        network = model.network
+        serving = {"runtime": network.runtime, "precision": network.precision, "threads": network.threads}
+        return {"service_version": __version__, **public_metadata(model.spec.metadata), "serving": serving}
 
     @app.post(
         "/segment",

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     from service.model import ModelLoadError, SegmentationModel
 
     try:
-        model = SegmentationModel.load(settings.model_dir)
+        model = SegmentationModel.load(settings.model_dir, settings.runtime_options())
     except ModelLoadError as exc:
         print(f"nuclei-serve: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -5,12 +5,13 @@ The CLI flags of ``nuclei-serve`` override the same fields, so there is exactly 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.runtime import RuntimeOptions
 from service.tiling import DEFAULT_MAX_TILE, check_max_tile
 
 
@@ -50,13 +51,20 @@ class Settings(BaseSettings):
     max_queue_tiles: int = Field(256, ge=1, description="Tiles (of the model's input size) allowed to wait for the "
                                  "model; beyond it, 503.")
     request_timeout_s: float = Field(120.0, gt=0, description="Per-request time limit; beyond it, 504 and the work is dropped.")
-    # Measured (docs/threads.md): one op at a time using every core beats TensorFlow's default.
-    tf_intra_op_threads: int = Field(default_factory=lambda: os.cpu_count() or 0, ge=0,
-                                     description="TensorFlow intra-op threads (0: TensorFlow's choice; default: all cores).")
-    tf_inter_op_threads: int = Field(1, ge=0, description="TensorFlow inter-op threads (0: TensorFlow's choice).")
+    runtime: Literal["openvino", "tensorflow"] = Field(
+        "openvino", description="Network runtime: openvino (fast on CPUs, the default) or tensorflow (needs the train extra).")
+    precision: Literal["auto", "f32", "bf16", "int8"] = Field(
+        "auto", description="Network precision (openvino): auto is bf16 where the CPU computes it natively and the "
+        "model passed the parity gate in bf16, else f32; int8 needs a model from training.quantize.")
+    threads: int = Field(0, ge=0, description="Threads for the network in each worker (0: the CPUs this process may use, "
+                         "affinity and cgroup quota, divided by the workers).")
     api_key: str | None = Field(None, description="If set, /segment* require 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins (none: CORS off).")
     log_level: str = Field("info", description="Uvicorn log level.")
+
+    def runtime_options(self) -> RuntimeOptions:
+        """The network's runtime settings, as ``SegmentationModel.load`` takes them."""
+        return RuntimeOptions(self.runtime, self.precision, self.threads, self.workers)
 
     @field_validator("max_tile_size")
     @classmethod

@@ -19,13 +19,13 @@ import numpy as np
 
 from service.modality import MODALITIES, modality
 from service.postprocess import PostprocessParams, check_decoder
+from service.runtime import Network, RuntimeOptions, RuntimeUnavailable, load_network
 from service.tiling import GRID
 
 if TYPE_CHECKING:
     from service.batching import MicroBatcher
 
 METADATA_FILE = "metadata.json"
-SIGNATURE = "serving_default"
 SUPPORTED_FORMAT = 1
 
 
@@ -87,19 +87,19 @@ class ModelSpec:
 class SegmentationModel:
     """One loaded model, shared by all requests of a process.
 
-    ``predict`` is the single entry point to the network, so a batching layer can wrap it
-    without touching callers. TensorFlow calls are serialised by a lock: concurrent calls on 2
-    cores only thrash, and batching, not threads, is what makes throughput.
+    ``predict`` is the single entry point to the network (either runtime, ``service.runtime``), so
+    a batching layer can wrap it without touching callers. Network calls are serialised by a lock:
+    concurrent calls on 2 cores only thrash, and batching, not threads, is what makes throughput.
     """
 
-    def __init__(self, model_dir: Path, spec: ModelSpec, fn: Any) -> None:
+    def __init__(self, model_dir: Path, spec: ModelSpec, network: Network | None) -> None:
         self.model_dir = model_dir
         self.spec = spec
-        self._fn = fn
+        self.network = network
         self._lock = threading.Lock()
         self.batcher: MicroBatcher | None = None
         #: The network takes only ``image_size`` squares (resize-mode exports); else any multiple of ``GRID``.
-        self.fixed_input = spec.inference == "resize" if fn is None else _signature_is_fixed(fn)
+        self.fixed_input = spec.inference == "resize" if network is None else network.fixed_input
 
     def tile_limits(self, max_tile: int) -> tuple[int, int]:
         """(largest tile side, grid the side is rounded to) that this network accepts for ``max_tile``."""
@@ -107,8 +107,9 @@ class SegmentationModel:
         return (size, size) if self.fixed_input else (max_tile, GRID)
 
     @classmethod
-    def load(cls, model_dir: Path | str) -> "SegmentationModel":
-        """Load and validate; raise :class:`ModelLoadError` with a one-line reason naming the path."""
+    def without_network(cls, model_dir: Path | str) -> "SegmentationModel":
+        """The model's spec and metadata alone (what its split or decoding needs), nothing compiled;
+        :class:`ModelLoadError` with a one-line reason naming the path."""
         model_dir = Path(model_dir)
         meta_path = model_dir / METADATA_FILE
         if not model_dir.is_dir():
@@ -120,16 +121,22 @@ class SegmentationModel:
             raise ModelLoadError(f"model metadata missing: {meta_path}") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelLoadError(f"model metadata invalid in {meta_path}: {exc}") from None
-        import tensorflow as tf
+        return cls(model_dir, spec, None)
 
+    @classmethod
+    def load(cls, model_dir: Path | str, options: RuntimeOptions = RuntimeOptions()) -> "SegmentationModel":
+        """Load, compile for ``options`` and validate; raise :class:`ModelLoadError` with a one-line
+        reason naming the path."""
+        spec, model_dir = cls.without_network(model_dir).spec, Path(model_dir)
+        metadata = spec.metadata
         try:
-            loaded = tf.saved_model.load(str(model_dir))
-            fn = loaded.signatures[SIGNATURE]
-        except Exception as exc:  # TF raises many types for corrupt or foreign folders
+            network = load_network(model_dir, metadata, options)
+        except RuntimeUnavailable as exc:
+            raise ModelLoadError(f"cannot run {model_dir}: {exc}") from None
+        except Exception as exc:  # the runtimes raise many types for corrupt or foreign folders
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(f"cannot load SavedModel from {model_dir}: {reason}") from None
-        model = cls(model_dir, spec, fn)
-        model._keepalive = loaded  # signatures need their owner alive
+        model = cls(model_dir, spec, network)
         model._check_signature()
         return model
 
@@ -157,11 +164,8 @@ class SegmentationModel:
 
     def predict_now(self, batch: np.ndarray) -> np.ndarray:
         """Run the network on ``batch`` in the calling thread."""
-        import tensorflow as tf
-
         with self._lock:
-            result = self._fn(images=tf.constant(batch, dtype=tf.uint8))
-        return next(iter(result.values())).numpy()
+            return self.network(np.ascontiguousarray(batch, dtype=np.uint8))
 
     @contextmanager
     def request(self) -> Iterator[None]:
@@ -182,10 +186,3 @@ class SegmentationModel:
         for _ in range(repeats):
             self.predict_now(np.zeros((1, size, size, 3), np.uint8))
 
-
-def _signature_is_fixed(fn: Any) -> bool:
-    """Whether the serving signature declares the image height (a fixed input size) or leaves it open."""
-    try:
-        return fn.structured_input_signature[1]["images"].shape[1] is not None
-    except (AttributeError, IndexError, KeyError, TypeError):
-        return True  # unknown: the model's own input size is always safe

@@ -15,6 +15,7 @@ import numpy as np
 
 from service.model import SegmentationModel
 from service.normalise import normalise
+from service.resample import resize
 from service.postprocess import (RAY_START, PostprocessParams, flipped_ray_order, has_rays,
                                  instances_from_probabilities)
 from service.size import DIAMETER_RANGE, View, estimated_view, scale_for_diameter
@@ -144,13 +145,3 @@ def predict_flips(model: SegmentationModel, batch: np.ndarray) -> np.ndarray:
         total += probs
     return total / 4.0
 
-
-def resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of an ``(H, W, C)`` image or probability map (antialiased when shrinking)."""
-    import tensorflow as tf
-
-    shrinking = size[0] < array.shape[0] or size[1] < array.shape[1]
-    out = tf.image.resize(array[None].astype(np.float32), size, method="bilinear", antialias=shrinking)[0].numpy()
-    if array.dtype == np.uint8:
-        return np.clip(np.round(out), 0, 255).astype(np.uint8)
-    return out

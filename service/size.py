@@ -9,12 +9,15 @@ rescales each upload the same way before the tiles: size -> rescale -> tiles -> 
 * Otherwise the size is read off the model's own output. At native resolution the model cuts
   nuclei far larger than its canonical size into canonical-looking fragments, so a native look
   cannot tell that it should shrink the image; cheap looks at ``COARSE_SCALES`` come first (a
-  quarter of the pixels, then a sixteenth). The coarsest look whose nuclei are still large there
-  (at least ``COARSE_TRUST`` of canonical) decides the scale: the half-scale look alone still cuts
-  nuclei of four times the canonical size into pieces, which the quarter-scale look sees whole.
-  When no look finds large nuclei they are small, and the native pass, needed anyway, decides.
-  Either way the chosen scale is run once (unless it is a look's own), and the looks' numbers
-  are not used again.
+  quarter of the pixels, then a sixteenth). How large the nuclei are at a look decides how far
+  its estimate is trusted over the finer view's: not at all below ``COARSE_TRUST[0]`` of the
+  canonical size, fully above ``COARSE_TRUST[1]``, in proportion between, where both views are
+  computed and their estimates blended (in log size). The chosen scale therefore moves
+  continuously with the model's output: a change of 1e-3 in the probabilities (bf16 against f32)
+  can move it a little, never flip it from one view to another. The half-scale look alone still
+  cuts nuclei of four times the canonical size into pieces, which the quarter-scale look sees whole.
+* The image is then run once at the chosen scale, unless a view already computed is within the
+  ``SCALE_TOLERANCE`` of it; the other views' numbers are not used again.
 
 This module decides; it runs nothing itself. The caller's ``look(scale)`` computes the
 probabilities and labels at one scale (``service.pipeline``), so tiling, batching and deadlines
@@ -40,9 +43,9 @@ SCALE_TOLERANCE = (0.8, 1.25)
 #: The looks at an image before any full-resolution pass, finest first: the next one is taken only
 #: while the nuclei are large at the current one (1/4 and 1/16 of the pixels) ...
 COARSE_SCALES = (0.5, 0.25)
-#: ... and a look decides when its nuclei are at least this fraction of the canonical size there
-#: (the smallest size the training's zoom augmentation shows the model, canonical / 1.5, rounded up).
-COARSE_TRUST = 0.75
+#: ... and a look's estimate is trusted from the first to fully at the second fraction of the canonical
+#: size there (around the smallest size the training's zoom augmentation shows, canonical / 1.5).
+COARSE_TRUST = (0.6, 0.9)
 #: Smallest and largest ``diameter`` (px) a request may give.
 DIAMETER_RANGE = (2.0, 1000.0)
 
@@ -81,32 +84,58 @@ def estimated_view(look: Look, canonical: float, shape: tuple[int, ...]) -> View
 
     Usually two passes: for small and canonical nuclei the half-scale look and the native pass
     (plus an upscaled pass when they are small); for large nuclei the coarse looks (the quarter
-    scale costs a quarter of the half) plus one pass. A rescaled pass that loses most of the
-    nucleus pixels of the view it was estimated from means the estimate was wrong: that view is kept.
+    scale costs a quarter of the half) plus one pass; in the band between, the native pass too.
+    A rescaled pass that loses most of the nucleus pixels of the view nearest its scale means the
+    estimate was wrong: that view is kept.
     """
-    base, diameter = coarse_view(look, canonical)
-    if base is None:
-        base = look(1.0)
-        diameter = median_diameter(base.labels)
-    if diameter is None:
-        return base
-    proposed = scale_for_diameter(diameter, canonical, shape)
-    if within_tolerance(proposed, base.scale):
-        return base
+    views: list[View] = []  # views that may be kept (a look whose nuclei are small never is: see keep)
+    log_diameter, trusted = coarse_estimate(look, canonical, views)
+    if trusted < 1.0:
+        native = look(1.0)
+        views.append(native)
+        native_diameter = median_diameter(native.labels)
+        if native_diameter is not None:
+            log_native = float(np.log(native_diameter))
+            log_diameter = log_native if log_diameter is None else (
+                (1.0 - trusted) * log_native + trusted * log_diameter)
+    if log_diameter is None:
+        return views[-1]
+    proposed = scale_for_diameter(float(np.exp(log_diameter)), canonical, shape)
+    nearest = min(views, key=lambda view: abs(np.log(proposed / view.scale)))
+    if within_tolerance(proposed, nearest.scale):
+        return nearest
     rescaled = look(proposed)
-    if np.count_nonzero(rescaled.labels) < 0.5 * np.count_nonzero(base.labels):
-        return base
+    if np.count_nonzero(rescaled.labels) < 0.5 * np.count_nonzero(nearest.labels):
+        return nearest
     return rescaled
 
 
-def coarse_view(look: Look, canonical: float) -> tuple[View | None, float | None]:
-    """The coarsest of the ``COARSE_SCALES`` looks whose nuclei are large there, with their median
-    diameter in native pixels; ``(None, None)`` when the nuclei are small even at the first look."""
-    best: tuple[View | None, float | None] = (None, None)
+def trust(diameter: float | None, scale: float, canonical: float) -> float:
+    """How far a look at ``scale`` that found nuclei of ``diameter`` (native px) is trusted over the finer view, 0-1."""
+    if diameter is None:
+        return 0.0
+    low, high = COARSE_TRUST
+    return float(np.clip((diameter * scale / canonical - low) / (high - low), 0.0, 1.0))
+
+
+def coarse_estimate(look: Look, canonical: float, views: list[View]) -> tuple[float | None, float]:
+    """(log median diameter read off the ``COARSE_SCALES`` looks, how far it is trusted over the native pass).
+
+    Each coarser look is taken while the current one's nuclei are large at all, and its estimate
+    replaces the finer look's in proportion to its own trust. Looks trusted at all are appended to
+    ``views``; the others are dropped at once (peak memory: each is a map at the image's size).
+    """
+    logs: list[float | None] = []
+    weights: list[float] = []
     for scale in COARSE_SCALES:
         view = look(scale)
         diameter = median_diameter(view.labels)
-        if diameter is None or diameter * scale < COARSE_TRUST * canonical:
-            break  # too small here: the finer look (or the native pass) sees them better
-        best = (view, diameter)
-    return best
+        weights.append(trust(diameter, scale, canonical))
+        logs.append(None if diameter is None else float(np.log(diameter)))
+        if weights[-1] == 0.0:
+            break
+        views.append(view)
+    estimate = logs[-1]
+    for i in range(len(logs) - 2, -1, -1):  # from the coarsest look in
+        estimate = logs[i] if weights[i + 1] == 0.0 else (1.0 - weights[i + 1]) * logs[i] + weights[i + 1] * estimate
+    return estimate, weights[0]

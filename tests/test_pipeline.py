@@ -28,7 +28,7 @@ class DiskModel(SegmentationModel):
         spec = ModelSpec(image_size=64, num_classes=3, inference="tile", normalise="none",
                          canonical_diameter=CANONICAL, tile_overlap=16,
                          postprocess=PostprocessParams(0.5, 0.5, 4), metadata={})
-        super().__init__(Path("."), spec, fn=None)
+        super().__init__(Path("."), spec, None)
         self.calls: list[tuple[int, ...]] = []
 
     def predict_now(self, batch: np.ndarray) -> np.ndarray:
@@ -128,3 +128,21 @@ def disk_labels_at(diameter: int) -> np.ndarray:
     """Native-size labels of the disk grid (the stand-in look finds the nuclei exactly at every scale)."""
     labels, _ = ndi.label(disks(diameter, 4)[..., 0] > 127)
     return labels
+
+
+def test_the_chosen_scale_moves_continuously_where_the_native_pass_fragments():
+    """Near the coarse look's trust band the native pass cuts nuclei into canonical fragments (as the real
+    model does above ~1.3x canonical), so a single trust threshold jumps from the native view to a pass at
+    ~0.67. The blended estimate moves by at most the tolerance band between neighbouring sizes."""
+    def look_for(diameter: float):
+        def look(scale: float) -> View:
+            seen = diameter * scale
+            drawn = CANONICAL / scale if seen > 1.3 * CANONICAL else diameter  # fragments of canonical size
+            labels = disk_labels_at(int(round(drawn)))[:400, :400]
+            return View(scale, np.zeros((*labels.shape, 3), np.float32), labels)
+        return look
+
+    scales = [estimated_view(look_for(d), CANONICAL, (400, 400)).scale for d in np.arange(22.0, 40.0, 1.0)]
+    jumps = [max(a, b) / min(a, b) for a, b in zip(scales, scales[1:])]
+    assert max(jumps) < 1.3, list(zip(np.arange(22.0, 40.0), scales))
+    assert scales[0] == 1.0 and scales[-1] < 0.7  # native for small nuclei, shrunk for large

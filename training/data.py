@@ -28,6 +28,7 @@ from PIL import Image
 from skimage.segmentation import relabel_sequential
 
 from service.decode import DecodeError, decode_image
+from service.resample import resize
 
 #: File endings read as images (and as label images) in the pairs layout.
 PAIR_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -288,14 +289,9 @@ def load_sources(specs: list[str | Path | Source], ids: Container[str] | None = 
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """Resize an ``(H, W[, C])`` ``uint8``/label array to ``size = (height, width)`` with Pillow."""
-    height, width = size
-    if image.shape[:2] == (height, width):
-        return image
-    resample = Image.NEAREST if nearest else Image.BILINEAR
-    if image.ndim == 2 and image.dtype != np.uint8:
-        return np.asarray(Image.fromarray(image.astype(np.int32)).resize((width, height), resample))
-    return np.asarray(Image.fromarray(image).resize((width, height), resample))
+    """Resize an ``(H, W[, C])`` image or label array to ``size = (height, width)``: the service's own
+    resampler (``service.resample``), so training sees uploads' pixels."""
+    return resize(image, size, nearest)
 
 
 def data_load(root: Path, image_size: int = 128) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -26,6 +26,7 @@ import numpy as np
 from scipy.stats import mannwhitneyu
 
 from service.model import ModelLoadError, SegmentationModel
+from service.runtime import PRECISIONS, RUNTIMES, RuntimeOptions
 from service.pipeline import SegmentOptions, segment
 from service.postprocess import (INSTANCE_DECODERS, PostprocessParams, has_rays, instances_from_probabilities,
                                  nucleus_probability)
@@ -83,16 +84,19 @@ def split_samples(model: SegmentationModel, data: DataSpec | list[DataSpec], spl
 
 
 def evaluate_model(model_dir: Path, data: DataSpec | list[DataSpec], out_dir: Path, split: str = "validation",
-                   options: SegmentOptions = SegmentOptions(), worst: int = 6) -> dict:
-    """Segment every image of the split, score it, write the report; return the summary."""
-    model = SegmentationModel.load(model_dir)
+                   options: SegmentOptions = SegmentOptions(), worst: int = 6,
+                   runtime: RuntimeOptions = RuntimeOptions()) -> dict:
+    """Segment every image of the split through ``runtime``, score it, write the report; return the summary."""
+    model = SegmentationModel.load(model_dir, runtime)
     model.warm()
     dataset = split_samples(model, data, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, predictions, confidence = score_samples(dataset, model, options)
     summary = summarise(rows)
     summary["nucleus_probability_auc"] = ranking_auc(*confidence)
-    summary.update({"model": str(model_dir), "split": split, "options": asdict(options)})
+    network = model.network
+    summary.update({"model": str(model_dir), "split": split, "options": asdict(options),
+                    "runtime": {"runtime": network.runtime, "precision": network.precision, "threads": network.threads}})
     write_csv(rows, out_dir / "per_image.csv")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     worst_figure(dataset, predictions, rows, out_dir / "worst.png", worst)
@@ -255,7 +259,8 @@ MIN_MODALITY_GAIN = 0.005
 Cached = list[tuple[np.ndarray, np.ndarray]]  # (truth labels, probabilities) per validation image
 
 
-def tune_thresholds(model_dir: Path, data: DataSpec | list[DataSpec], limit: int | None = None) -> dict:
+def tune_thresholds(model_dir: Path, data: DataSpec | list[DataSpec], limit: int | None = None,
+                    runtime: RuntimeOptions = RuntimeOptions()) -> dict:
     """Pick the decoding maximising the DSB2018 score on validation and store it in the model metadata.
 
     Probabilities are computed once per image (the scale chosen with the current thresholds).
@@ -270,8 +275,10 @@ def tune_thresholds(model_dir: Path, data: DataSpec | list[DataSpec], limit: int
     ``MIN_MODALITY_GAIN``, it is stored under ``postprocess_by_modality`` and the service uses it
     for images of that modality (dense, touching H&E nuclei want other thresholds than sparse
     fluorescence; a decoding is a few thresholds, so 20 images are enough to choose it).
+
+    The probabilities come from ``runtime``: tune through the precision that will serve.
     """
-    model = SegmentationModel.load(model_dir)
+    model = SegmentationModel.load(model_dir, runtime)
     dataset = split_samples(model, data, "validation")
     samples = dataset.samples[:limit] if limit else dataset.samples
     cached = [(s.labels, segment(s.image, model).probabilities) for s in samples]
@@ -334,6 +341,22 @@ def pick(candidates: list[PostprocessParams], scores: np.ndarray) -> tuple[float
     return float(means[k, 0]), candidates[k]
 
 
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """--runtime / --precision / --threads, as the service's NUCLEI_RUNTIME / NUCLEI_PRECISION / NUCLEI_THREADS."""
+    defaults = RuntimeOptions()
+    parser.add_argument("--runtime", choices=RUNTIMES, default=defaults.runtime,
+                        help=f"network runtime, as NUCLEI_RUNTIME (default {defaults.runtime})")
+    parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
+                        help=f"network precision, as NUCLEI_PRECISION (default {defaults.precision})")
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="network threads (default 0: the CPUs this process may use)")
+
+
+def runtime_options(args: argparse.Namespace) -> RuntimeOptions:
+    """The :class:`RuntimeOptions` of :func:`add_runtime_arguments`' flags."""
+    return RuntimeOptions(args.runtime, args.precision, args.threads)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="exported model folder")
@@ -351,17 +374,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tile-size", type=int, default=SegmentOptions.max_tile_size,
                         help=f"largest tile side, as the service's NUCLEI_MAX_TILE_SIZE (default "
                              f"{SegmentOptions.max_tile_size})")
+    add_runtime_arguments(parser)
     args = parser.parse_args(argv)
     out = args.out or args.model.parent / "evaluation"
     try:
         options = SegmentOptions(tiling=args.tiling, tta=args.tta, auto_scale=not args.no_auto_scale,
                                  max_tile_size=args.max_tile_size)
+        runtime = runtime_options(args)
     except ValueError as error:
         parser.error(str(error))
     try:
         if args.tune:
-            tune_thresholds(args.model, args.data)
-        evaluate_model(args.model, args.data, out, args.split, options)
+            tune_thresholds(args.model, args.data, runtime=runtime)
+        evaluate_model(args.model, args.data, out, args.split, options, runtime=runtime)
     except (DataError, ModelLoadError) as error:  # the user's input, not a bug: a message, no traceback
         sys.exit(f"error: {error}")
 

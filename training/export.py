@@ -20,7 +20,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from service.model import METADATA_FILE, SIGNATURE, SUPPORTED_FORMAT
+from service.model import METADATA_FILE, SUPPORTED_FORMAT
+from service.runtime import SIGNATURE
 
 
 class ServingModule(tf.Module):
