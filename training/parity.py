@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from service.model import ModelLoadError, SegmentationModel
 from service.runtime import RuntimeOptions, RuntimeUnavailable
 from training.data import DataError, NucleiDataset, load_sources, parse_source
 from training.evaluate import score_samples, split_samples, summarise
-from training.export import update_metadata
+from training.export import update_metadata, write_text_atomic
 from training.matching import score_image
 
 #: Largest drop (DSB2018 validation score, test AJI) a precision may cost against f32 and still serve.
@@ -113,21 +112,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def record(model_dir: Path, report: dict) -> None:
-    """Store each precision's verdict in the model's metadata (``runtime.parity``), for ``auto``."""
-    metadata = json.loads((model_dir / "metadata.json").read_text())
-    parity = dict((metadata.get("runtime") or {}).get("parity") or {})
+def record(model_dir: Path, report: dict, models: dict[str, Path]) -> None:
+    """Store each precision's verdict in the metadata of the folder it ran from (``runtime.parity``), for ``auto``:
+    int8's in the quantized copy, the others' in the model itself."""
     for name, verdict in report["precisions"].items():
-        parity[name] = {"passed": verdict["passed"], "drops": verdict["drops"],
-                        "reference": f"{report['reference']['runtime']} {report['reference']['precision']}"}
-    update_metadata(model_dir, {"runtime": {**(metadata.get("runtime") or {}), "parity": parity}})
-
-
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    Path(handle.name).replace(path)
+        folder = models.get(name, model_dir)
+        metadata = json.loads((folder / "metadata.json").read_text())
+        runtime = dict(metadata.get("runtime") or {})
+        runtime["parity"] = {**(runtime.get("parity") or {}), name: {
+            "passed": verdict["passed"], "drops": verdict["drops"],
+            "reference": f"{report['reference']['runtime']} {report['reference']['precision']}"}}
+        update_metadata(folder, {"runtime": runtime})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,11 +148,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {error}")
     report["command"] = "python -m training.parity " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.out:
-        write_atomically(args.out, json.dumps(report, indent=2))
-        write_atomically(args.out.with_suffix(".md"), markdown(report))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(args.out, json.dumps(report, indent=2))
+        write_text_atomic(args.out.with_suffix(".md"), markdown(report))
     print(markdown(report))
     if args.record:
-        record(args.model, report)
+        record(args.model, report, models)
 
 
 if __name__ == "__main__":
