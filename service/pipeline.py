@@ -76,8 +76,9 @@ def segment(image: np.ndarray, model: SegmentationModel, options: SegmentOptions
     sizing = replace(params, instances="watershed")  # sizes need nuclei, not their exact shapes: the cheap decoding
 
     def look(scale: float) -> View:
-        probs = probabilities_at(image, model, None if scale == 1.0 else scaled_size(image, scale), options)
-        return View(scale, probs, instances_from_probabilities(probs, sizing))
+        work = image if scale == 1.0 else resize(image, scaled_size(image, scale))
+        probs = probabilities_of(work, model, options)
+        return View(scale, probs, instances_from_probabilities(probs, scaled_params(sizing, scale)))
 
     if options.diameter is not None:
         view = look(scale_for_diameter(options.diameter, spec.canonical_diameter, image.shape))
@@ -85,8 +86,10 @@ def segment(image: np.ndarray, model: SegmentationModel, options: SegmentOptions
         view = estimated_view(look, spec.canonical_diameter, image.shape)
     else:
         view = look(1.0)
-    labels = view.labels if params == sizing else instances_from_probabilities(view.probabilities, params)
-    return Segmentation(labels, view.scale, view.probabilities)  # StarDist polygons: decoded once, from the kept view
+    probs = at_size(view.probabilities, image.shape[:2])
+    reuse = view.scale == 1.0 and params == sizing  # the native view's sizing labels are the labels asked for
+    labels = view.labels if reuse else instances_from_probabilities(probs, params)
+    return Segmentation(labels, view.scale, probs)  # StarDist polygons: decoded once, from the kept view
 
 
 def scaled_size(image: np.ndarray, scale: float) -> tuple[int, int]:
@@ -94,29 +97,44 @@ def scaled_size(image: np.ndarray, scale: float) -> tuple[int, int]:
     return max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))
 
 
+def scaled_params(params: PostprocessParams, scale: float) -> PostprocessParams:
+    """``params`` for decoding at ``scale``: its pixel-area limits scaled by ``scale`` squared."""
+    if scale == 1.0:
+        return params
+    return replace(params, min_size=max(1, round(params.min_size * scale * scale)),
+                   border_min_size=round(params.border_min_size * scale * scale))
+
+
 def probabilities_at(image: np.ndarray, model: SegmentationModel, size: tuple[int, int] | None,
                      options: SegmentOptions, tiled: bool = True) -> np.ndarray:
-    """Class probabilities at the image's own size, computed with the image resized to ``size``.
-
-    ``size`` None keeps native resolution. ``tiled`` runs overlapping tiles sized to the image, up to
-    ``options.max_tile_size`` (memory bounded by the pixels per call); otherwise the model sees the
-    resized image whole.
-    """
+    """Class probabilities at the image's own size, computed with the image resized to ``size``
+    (None: native resolution); ``tiled=False`` lets the model see the resized image whole."""
     height, width = image.shape[:2]
     work = image if size is None or size == (height, width) else resize(image, size)
+    return at_size(probabilities_of(work, model, options, tiled), (height, width))
+
+
+def probabilities_of(work: np.ndarray, model: SegmentationModel, options: SegmentOptions,
+                     tiled: bool = True) -> np.ndarray:
+    """Class probabilities of ``work`` at its own size: overlapping tiles sized to it, up to
+    ``options.max_tile_size`` (memory bounded by the pixels per call), or ``tiled=False`` whole."""
     predict = predictor(model, options)
-    if tiled:
-        max_tile, multiple = model.tile_limits(options.max_tile_size)
-        batch_pixels = options.tile_batch_size * model.spec.tile_pixels
-        probs = predict_tiled(work, predict, max_tile, model.spec.tile_overlap, batch_pixels,
-                              model.spec.num_classes, multiple)
-    else:
-        probs = predict(work[None])[0]
-    if probs.shape[:2] != (height, width):
-        factor = (height / probs.shape[0] + width / probs.shape[1]) / 2.0
-        probs = resize(probs, (height, width))
-        if has_rays(probs):
-            probs[..., RAY_START:] *= factor  # ray lengths are in the pixels of the image the model saw
+    if not tiled:
+        return predict(work[None])[0]
+    max_tile, multiple = model.tile_limits(options.max_tile_size)
+    batch_pixels = options.tile_batch_size * model.spec.tile_pixels
+    return predict_tiled(work, predict, max_tile, model.spec.tile_overlap, batch_pixels,
+                         model.spec.num_classes, multiple)
+
+
+def at_size(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Probabilities brought to ``size`` (the image's own), ray lengths rescaled with them."""
+    if probs.shape[:2] == tuple(size):
+        return probs
+    factor = (size[0] / probs.shape[0] + size[1] / probs.shape[1]) / 2.0
+    probs = resize(probs, size)
+    if has_rays(probs):
+        probs[..., RAY_START:] *= factor  # ray lengths are in the pixels of the image the model saw
     return probs
 
 

@@ -52,11 +52,24 @@ DIAMETER_RANGE = (2.0, 1000.0)
 
 @dataclass
 class View:
-    """The model's output for an image computed at one scale, brought back to the image's own size."""
+    """The model's output for an image computed at one scale, kept at that scale.
+
+    Only the view finally kept is brought back to the image's own size (``service.pipeline``), so
+    a look that only sizes the nuclei costs no resize and no decoding at full size.
+    """
 
     scale: float  # factor the image was resized by before the model
-    probabilities: np.ndarray  # (H, W, C) at the image's own size
-    labels: np.ndarray  # (H, W) int32 instances decoded from them
+    probabilities: np.ndarray  # (h, w, C) at the working size (the image resized by ``scale``)
+    labels: np.ndarray  # (h, w) int32 instances decoded there, for sizing
+
+    def diameter(self) -> float | None:
+        """Median nucleus diameter in pixels of the image itself (``None`` when no nucleus was found)."""
+        diameter = median_diameter(self.labels)
+        return None if diameter is None else diameter / self.scale
+
+    def coverage(self) -> float:
+        """Share of the image's pixels inside nuclei (comparable between views of different scales)."""
+        return float(np.count_nonzero(self.labels)) / max(1, self.labels.size)
 
 
 Look = Callable[[float], View]
@@ -88,26 +101,34 @@ def estimated_view(look: Look, canonical: float, shape: tuple[int, ...]) -> View
     A rescaled pass that loses most of the nucleus pixels of the view nearest its scale means the
     estimate was wrong: that view is kept.
     """
-    views: list[View] = []  # views that may be kept (a look whose nuclei are small never is: see keep)
+    proposed, views = estimated_scale(look, canonical, shape)
+    if proposed is None:
+        return views[-1]
+    nearest = min(views, key=lambda view: abs(np.log(proposed / view.scale)))
+    if within_tolerance(proposed, nearest.scale):
+        return nearest
+    rescaled = look(proposed)
+    if rescaled.coverage() < 0.5 * nearest.coverage():
+        return nearest
+    return rescaled
+
+
+def estimated_scale(look: Look, canonical: float, shape: tuple[int, ...]) -> tuple[float | None, list[View]]:
+    """(the scale the looks' blended size estimate asks for, None if no look found a nucleus; the views
+    that may be kept). A continuous function of the looks' median diameters."""
+    views: list[View] = []  # views that may be kept (a look whose nuclei are small never is)
     log_diameter, trusted = coarse_estimate(look, canonical, views)
     if trusted < 1.0:
         native = look(1.0)
         views.append(native)
-        native_diameter = median_diameter(native.labels)
+        native_diameter = native.diameter()
         if native_diameter is not None:
             log_native = float(np.log(native_diameter))
             log_diameter = log_native if log_diameter is None else (
                 (1.0 - trusted) * log_native + trusted * log_diameter)
     if log_diameter is None:
-        return views[-1]
-    proposed = scale_for_diameter(float(np.exp(log_diameter)), canonical, shape)
-    nearest = min(views, key=lambda view: abs(np.log(proposed / view.scale)))
-    if within_tolerance(proposed, nearest.scale):
-        return nearest
-    rescaled = look(proposed)
-    if np.count_nonzero(rescaled.labels) < 0.5 * np.count_nonzero(nearest.labels):
-        return nearest
-    return rescaled
+        return None, views
+    return scale_for_diameter(float(np.exp(log_diameter)), canonical, shape), views
 
 
 def trust(diameter: float | None, scale: float, canonical: float) -> float:
@@ -129,7 +150,7 @@ def coarse_estimate(look: Look, canonical: float, views: list[View]) -> tuple[fl
     weights: list[float] = []
     for scale in COARSE_SCALES:
         view = look(scale)
-        diameter = median_diameter(view.labels)
+        diameter = view.diameter()
         weights.append(trust(diameter, scale, canonical))
         logs.append(None if diameter is None else float(np.log(diameter)))
         if weights[-1] == 0.0:

@@ -15,7 +15,7 @@ from scipy import ndimage as ndi
 
 from service.model import ModelSpec, SegmentationModel
 from service.pipeline import SegmentOptions, SizeError, segment
-from service.size import COARSE_SCALES, SCALE_LIMITS, View, estimated_view, scale_for_diameter
+from service.size import COARSE_SCALES, SCALE_LIMITS, View, estimated_scale, estimated_view, scale_for_diameter
 from service.postprocess import PostprocessParams
 
 CANONICAL = 20.0
@@ -115,7 +115,7 @@ def test_the_estimate_looks_at_most_twice_before_the_chosen_pass():
 
         def look(scale: float) -> View:
             asked.append(scale)
-            labels = disk_labels_at(diameter)
+            labels = disk_labels_at(int(round(diameter * scale)))  # as the model sees them at this scale
             return View(scale, np.zeros((*labels.shape, 3), np.float32), labels)
 
         view = estimated_view(look, CANONICAL, (400, 400))
@@ -124,25 +124,37 @@ def test_the_estimate_looks_at_most_twice_before_the_chosen_pass():
     assert scale_for_diameter(20.0, CANONICAL, (8000, 8000)) == 1.0  # never upscaled past the pixel cap
 
 
+def disc_grid(diameter: float, size: int) -> np.ndarray:
+    """Labels of a ``size``-square grid of discs of any (fractional) ``diameter``, so sizes vary smoothly."""
+    step = int(np.ceil(2 * diameter))
+    yy, xx = np.mgrid[:size, :size] % step - step / 2 + 0.5
+    labels, _ = ndi.label(yy ** 2 + xx ** 2 <= (diameter / 2) ** 2)
+    return labels
+
+
 def disk_labels_at(diameter: int) -> np.ndarray:
-    """Native-size labels of the disk grid (the stand-in look finds the nuclei exactly at every scale)."""
+    """Labels of the disk grid (the stand-in look finds the nuclei exactly at every scale)."""
     labels, _ = ndi.label(disks(diameter, 4)[..., 0] > 127)
     return labels
 
 
-def test_the_chosen_scale_moves_continuously_where_the_native_pass_fragments():
-    """Near the coarse look's trust band the native pass cuts nuclei into canonical fragments (as the real
-    model does above ~1.3x canonical), so a single trust threshold jumps from the native view to a pass at
-    ~0.67. The blended estimate moves by at most the tolerance band between neighbouring sizes."""
+def test_the_size_estimate_moves_continuously_where_the_native_pass_fragments():
+    """From ~1.2x canonical the native pass cuts nuclei into fragments (canonical ones from 1.4x, as the real
+    model does), and
+    the half-scale look sees them whole. A single trust threshold on that look made the estimate jump from the
+    fragments' size to the true one (scale 1.0 -> 0.67 from one pixel of diameter to the next); the blend moves
+    it a few percent per pixel. The kept view may still differ from the estimate by the tolerance band."""
     def look_for(diameter: float):
         def look(scale: float) -> View:
             seen = diameter * scale
-            drawn = CANONICAL / scale if seen > 1.3 * CANONICAL else diameter  # fragments of canonical size
-            labels = disk_labels_at(int(round(drawn)))[:400, :400]
+            # past 1.2x canonical the pieces shrink with every pixel, to canonical ones from 1.4x
+            drawn = seen if seen <= 1.2 * CANONICAL else max(CANONICAL, 2.4 * CANONICAL - seen)
+            labels = disc_grid(drawn, round(400 * scale))
             return View(scale, np.zeros((*labels.shape, 3), np.float32), labels)
         return look
 
-    scales = [estimated_view(look_for(d), CANONICAL, (400, 400)).scale for d in np.arange(22.0, 40.0, 1.0)]
-    jumps = [max(a, b) / min(a, b) for a, b in zip(scales, scales[1:])]
-    assert max(jumps) < 1.3, list(zip(np.arange(22.0, 40.0), scales))
-    assert scales[0] == 1.0 and scales[-1] < 0.7  # native for small nuclei, shrunk for large
+    diameters = np.arange(20.0, 44.0, 1.0)
+    scales = [estimated_scale(look_for(d), CANONICAL, (400, 400))[0] for d in diameters]
+    steps = [max(a, b) / min(a, b) for a, b in zip(scales, scales[1:])]
+    assert max(steps) < 1.2, list(zip(diameters, scales))
+    assert scales[0] == pytest.approx(1.0, rel=0.05) and scales[-1] == pytest.approx(CANONICAL / 43, rel=0.05)
