@@ -176,7 +176,7 @@ def parse_runtimes(text: str) -> list[tuple[str, str]]:
 
 
 def compare_runtimes(model_dir: Path, int8_dir: Path | None, runtimes: list[tuple[str, str]],
-                     image: np.ndarray, served_batch: int, rounds: int = 7) -> list[dict]:
+                     image: np.ndarray, served_batch: int, rounds: int = 7, keep: dict | None = None) -> list[dict]:
     """Each runtime x precision in the same run, interleaved A, B, C, A, B, C, ... so machine drift hits all alike.
 
     Per round and runtime: one 256x256 tile at batch 1, ``served_batch`` tiles in one call, and
@@ -213,6 +213,8 @@ def compare_runtimes(model_dir: Path, int8_dir: Path | None, runtimes: list[tupl
             times[key]["tile_served"].append((t2 - t1) / served_batch)
             times[key]["end_to_end"].append(t3 - t2)
     megapixels = image.shape[0] * image.shape[1] / 1e6
+    if keep is not None:
+        keep.update(labels)
     reference = labels[next(iter(models))]
     rows = []
     for key, model in models.items():
@@ -222,12 +224,60 @@ def compare_runtimes(model_dir: Path, int8_dir: Path | None, runtimes: list[tupl
                      "seconds_per_mp": t["end_to_end"] / megapixels,
                      "nuclei": int(labels[key].max()), "identical_labels": bool(np.array_equal(labels[key], reference)),
                      "ap50_vs_reference": score_image(reference, labels[key]).ap50})
+    return relative(rows)
+
+
+def relative(rows: list[dict]) -> list[dict]:
+    """Each row's speed-ups over the first row."""
     base = rows[0]
     for row in rows:
         row["tile_b1_speedup"] = base["tile_b1_ms"] / row["tile_b1_ms"]
         row["tile_served_speedup"] = base["tile_served_ms"] / row["tile_served_ms"]
         row["end_to_end_speedup"] = base["seconds_per_mp"] / row["seconds_per_mp"]
     return rows
+
+
+def isolated_runtimes(model_dir: Path, int8_dir: Path | None, runtimes: list[tuple[str, str]],
+                      passes: int = 2) -> list[dict]:
+    """:func:`compare_runtimes` with each runtime in a process of its own (no other runtime's threads beside
+    it), the processes run A, B, C, A, B, C ... for ``passes``; per runtime the median over its passes."""
+    import subprocess
+    import tempfile
+
+    from training.matching import score_image
+
+    work = Path(tempfile.mkdtemp(prefix="runtimes-"))
+    found: dict[tuple[str, str], list[dict]] = {key: [] for key in runtimes}
+    for _ in range(passes):
+        for runtime, precision in runtimes:
+            out = work / f"{runtime}-{precision}.json"
+            command = [sys.executable, "-m", "benchmarks.serve_bench", "--worker", f"{runtime}:{precision}",
+                       "--model-dir", str(model_dir), "--worker-out", str(out)]
+            subprocess.run(command + (["--int8-model", str(int8_dir)] if int8_dir else []), check=True, cwd=ROOT)
+            found[(runtime, precision)].append(json.loads(out.read_text()))
+    reference = np.load(work / f"{runtimes[0][0]}-{runtimes[0][1]}.npy")
+    rows = []
+    for (runtime, precision), passes_rows in found.items():
+        row = dict(passes_rows[0])
+        for key in ("tile_b1_ms", "tile_served_ms", "seconds_per_mp"):
+            row[key] = statistics.median(r[key] for r in passes_rows)
+        labels = np.load(work / f"{runtime}-{precision}.npy")
+        row["identical_labels"] = bool(np.array_equal(labels, reference))
+        row["ap50_vs_reference"] = score_image(reference, labels).ap50
+        rows.append(row)
+    return relative(rows)
+
+
+def runtime_worker(args: argparse.Namespace) -> None:
+    """One runtime alone in this process (for :func:`isolated_runtimes`): its row as JSON, its labels as .npy."""
+    from service.config import Settings
+
+    images, _ = real_images(16)
+    labels: dict = {}
+    rows = compare_runtimes(args.model_dir, args.int8_model, parse_runtimes(args.worker), big_image(images[0], 1.0),
+                            Settings().batch_max_size, keep=labels)
+    args.worker_out.write_text(json.dumps(rows[0]))
+    np.save(args.worker_out.with_suffix(".npy"), next(iter(labels.values())))
 
 
 def runtime_rows(rows: list[dict], served_batch: int) -> list[str]:
@@ -275,8 +325,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="runtime:precision pairs compared in one run, the first the reference ('' skips)")
     parser.add_argument("--int8-model", type=Path, help="the quantized copy (training.quantize) for openvino:int8")
     parser.add_argument("--only-runtimes", action="store_true", help="only the runtime comparison")
+    parser.add_argument("--isolated", action="store_true",
+                        help="each runtime in a process of its own (else all in this one, interleaved)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.worker:
+        runtime_worker(args)
+        return
     if args.runtimes:
         runtime_section(args, argv)
     if args.only_runtimes:
@@ -371,13 +428,16 @@ def runtime_section(args: argparse.Namespace, argv: list[str] | None) -> None:
     images, source = real_images(16)
     big = big_image(images[0], 1.0)
     served_batch = Settings().batch_max_size
-    rows = compare_runtimes(args.model_dir, args.int8_model, runtimes, big, served_batch)
+    rows = (isolated_runtimes(args.model_dir, args.int8_model, runtimes) if args.isolated
+            else compare_runtimes(args.model_dir, args.int8_model, runtimes, big, served_batch))
     served = served_throughput(args.model_dir, args.int8_model, runtimes, [png_bytes(im) for im in images],
                                args.requests)
     lines = ["# Runtimes and precisions\n",
              f"Command: `python -m benchmarks.serve_bench {' '.join(argv or sys.argv[1:])}` on {os.cpu_count()} "
-             f"CPUs, {time.strftime('%Y-%m-%d %H:%M')}. Model `{args.model_dir}`. In one process, interleaved "
-             f"round by round; medians of 7 rounds; x: speed-up over the first row, in the same run. End to end: "
+             f"CPUs, {time.strftime('%Y-%m-%d %H:%M')}. Model `{args.model_dir}`. "
+             + ("Each runtime in a process of its own, the processes run in turn twice; medians of 7 rounds, then of "
+                "the two passes" if args.isolated else "In one process, interleaved round by round; medians of 7 rounds")
+             + f"; x: speed-up over the first row, in the same run. End to end: "
              f"`segment()` of a {big.shape[1]}x{big.shape[0]} tiling of a real image ({source}); its labels "
              "compared with the first row's.\n"]
     lines += runtime_rows(rows, served_batch)
@@ -387,7 +447,7 @@ def runtime_section(args: argparse.Namespace, argv: list[str] | None) -> None:
     for runtime, precision, cold, rates in served:
         lines.append(f"| {runtime} {precision} | {cold:.1f} | {rates[0][0]:.1f} | {rates[1][0]:.1f} | "
                      f"{rates[0][1] + rates[1][1]} |")
-    out = args.out.parent / "runtimes.md"
+    out = args.out.parent / ("runtimes_isolated.md" if args.isolated else "runtimes.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n"
     out.write_text(text + kept_notes(out))
