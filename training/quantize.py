@@ -43,7 +43,7 @@ from training.data import DataError, Source, parse_source, sample_ids
 from training.evaluate import DataSpec, as_sources, split_samples
 from training.export import update_metadata
 from training.split import group_of
-from training.train import prepare
+from training.train import at_least, prepare
 
 #: Where the int8 IR lies inside the output folder (the service reads ``metadata["openvino"]["int8"]``).
 INT8_XML = "openvino/int8.xml"
@@ -224,21 +224,13 @@ def write_quantized(model_dir: Path, quantized: ov.Model, out: Path, calibration
     return out
 
 
-def positive(text: str) -> int:
-    """argparse type of a count of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="exported model folder (SavedModel + metadata.json)")
     parser.add_argument("--data", action="append", required=True, metavar="[NAME=]PATH",
                         help="the model's training data folders (repeat for several sources)")
     parser.add_argument("--out", type=Path, required=True, help="output model folder (new, or empty)")
-    parser.add_argument("--crops", type=positive, default=DEFAULT_CROPS,
+    parser.add_argument("--crops", type=at_least(1), default=DEFAULT_CROPS,
                         help=f"calibration crops (default {DEFAULT_CROPS})")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"crop seed (default {DEFAULT_SEED})")
     args = parser.parse_args(argv)

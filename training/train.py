@@ -20,6 +20,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import get_args, get_type_hints
@@ -250,12 +251,18 @@ def split_record(config: TrainConfig, train_ids: list[str], val_ids: list[str]) 
     return record
 
 
-def non_negative(text: str) -> int:
-    """argparse type of a count that may be 0 (conv blocks, filters): a negative one is a usage error."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type of a count of at least ``minimum``: a smaller one is a usage error, not a traceback."""
+    def count(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
+        return value
+    return count
+
+
+#: A count that may be 0 (conv blocks, filters).
+non_negative = at_least(0)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
