@@ -121,8 +121,11 @@ def licence_of(root: Path) -> str:
     return "unknown"
 
 
-def parse_source(spec: str | Path) -> Source:
-    """A ``--data`` argument, ``PATH`` or ``NAME=PATH``, as a :class:`Source` (the folder must exist)."""
+def parse_source(spec: str | Path | Source) -> Source:
+    """A ``--data`` argument, ``PATH`` or ``NAME=PATH``, as a :class:`Source` (the folder must exist);
+    a :class:`Source` is returned as it is, so every loader takes either."""
+    if isinstance(spec, Source):
+        return spec
     text = str(spec)
     name, sep, path_text = text.partition("=")
     if not sep or not re.fullmatch(r"[\w./-]+", name) or Path(text).exists():
@@ -251,7 +254,7 @@ def load_dataset(root: Path | Source, with_masks: bool = True, workers: int | No
     PNG decoding in Pillow and zlib releases the GIL, so threads scale on the cores we have.
     ``ids``: only these samples (a validation split is a fifth of its folder; the rest is not decoded).
     """
-    source = root if isinstance(root, Source) else parse_source(root)
+    source = parse_source(root)
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         if source.layout == "pairs":
@@ -271,7 +274,7 @@ def load_sources(specs: list[str | Path | Source], ids: Container[str] | None = 
     Ids must be unique across sources (the split and the metadata refer to images by id), and
     two sources may not share a name. ``ids``: only these samples, as in :func:`load_dataset`.
     """
-    sources = [spec if isinstance(spec, Source) else parse_source(spec) for spec in specs]
+    sources = [parse_source(spec) for spec in specs]
     if not sources:
         raise DataError("no data folder given")
     names = [s.name for s in sources]

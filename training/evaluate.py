@@ -59,7 +59,7 @@ def split_samples(model: SegmentationModel, data: DataSpec | list[DataSpec], spl
     the model fits its own images), or "all" (an external test set)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} ({', '.join(SPLITS)})")
-    sources = [spec if isinstance(spec, Source) else parse_source(spec) for spec in as_sources(data)]
+    sources = [parse_source(spec) for spec in as_sources(data)]
     if split == "all":
         return load_sources(sources)
     recorded = model.spec.metadata.get("split", {})

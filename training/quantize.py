@@ -39,7 +39,7 @@ from service.model import METADATA_FILE, ModelLoadError, ModelSpec, Segmentation
 from service.runtime import available_cpus
 from training.augment import pad_to_at_least
 from training.config import TrainConfig
-from training.data import DataError, Source, parse_source, sample_ids
+from training.data import DataError, parse_source, sample_ids
 from training.evaluate import DataSpec, as_sources, split_samples
 from training.export import update_metadata
 from training.split import group_of
@@ -129,7 +129,7 @@ def calibration_crops(model_dir: Path, data: DataSpec | list[DataSpec], count: i
     validation = set((metadata.get("split") or {}).get("validation_ids") or [])
     if not validation:
         raise QuantizeError(f"model {model_dir} records no validation split, so its training images are unknown")
-    sources = [spec if isinstance(spec, Source) else parse_source(spec) for spec in as_sources(data)]
+    sources = [parse_source(spec) for spec in as_sources(data)]
     if not any(i in validation for source in sources for i in sample_ids(source)):  # listed, not decoded
         raise QuantizeError(f"no training images of {model_dir} in {', '.join(s.name for s in sources)}: none of "
                             f"the model's validation ids is there, so these are not the folders it was trained on")
