@@ -43,11 +43,11 @@ class Run:
     labels: dict[str, np.ndarray]
 
 
-def run(model_dir: Path, dataset: NucleiDataset, runtime: RuntimeOptions) -> Run:
-    """Segment and score every image of ``dataset`` with the model compiled for ``runtime``."""
+def runs(model_dir: Path, sets: dict[str, NucleiDataset], runtime: RuntimeOptions) -> dict[str, Run]:
+    """Segment and score every image of each set with the model compiled once for ``runtime``."""
     model = SegmentationModel.load(model_dir, runtime)
-    rows, labels, _ = score_samples(dataset, model)
-    return Run(summarise(rows), labels)
+    scored = {name: score_samples(dataset, model)[:2] for name, dataset in sets.items()}
+    return {name: Run(summarise(rows), labels) for name, (rows, labels) in scored.items()}
 
 
 def agreement(candidate: Run, reference: Run) -> dict:
@@ -72,17 +72,17 @@ def gate(model_dir: Path, validation: NucleiDataset, test: NucleiDataset | None,
     """Verdict per precision: validation (and test) scores beside the reference's, agreement, passed."""
     reference = reference_options(threads)
     sets = {"validation": validation, **({"test": test} if test is not None else {})}
-    refs = {name: run(model_dir, data, reference) for name, data in sets.items()}
+    refs = runs(model_dir, sets, reference)
     report = {"reference": {"runtime": reference.runtime, "precision": reference.precision,
                             **{name: brief(r.summary) for name, r in refs.items()}},
               "tolerance": TOLERANCE, "precisions": {}}
     for precision in precisions:
         options = RuntimeOptions("openvino", precision, threads)
-        runs = {name: run(models.get(precision, model_dir), data, options) for name, data in sets.items()}
-        verdict = {name: {**brief(r.summary), **agreement(r, refs[name])} for name, r in runs.items()}
-        drops = {"dsb_validation": refs["validation"].summary["dsb_score"] - runs["validation"].summary["dsb_score"]}
-        if "test" in runs:
-            drops["aji_test"] = refs["test"].summary["aji"] - runs["test"].summary["aji"]
+        done = runs(models.get(precision, model_dir), sets, options)
+        verdict = {name: {**brief(r.summary), **agreement(r, refs[name])} for name, r in done.items()}
+        drops = {"dsb_validation": refs["validation"].summary["dsb_score"] - done["validation"].summary["dsb_score"]}
+        if "test" in done:
+            drops["aji_test"] = refs["test"].summary["aji"] - done["test"].summary["aji"]
         verdict["drops"] = drops
         verdict["passed"] = all(abs(d) <= TOLERANCE for d in drops.values())
         report["precisions"][precision] = verdict
