@@ -82,9 +82,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                            unit_pixels=model.spec.tile_pixels)
     model.attach_batcher(batcher)
     app.state.ready = True
-    network = model.network
-    log.info("model %s loaded and warmed (%s, %s, %s threads)", model.model_dir,
-             getattr(network, "runtime", "?"), getattr(network, "precision", "?"), getattr(network, "threads", "?"))
+    log.info("model %s loaded and warmed (%s)", model.model_dir, model.serving())
     if not settings.api_key:
         log.warning("no API key set (NUCLEI_API_KEY): the service is open to every client")
     try:
@@ -323,9 +321,7 @@ def _install_routes(app: FastAPI) -> None:
     @app.get("/model", tags=["model"], summary="The served model's metadata.json plus the service version.",
              responses={503: ERROR_RESPONSES[503]})
     async def model_info(model: ModelDep, _: AuthDep) -> dict[str, Any]:
-        network = model.network
-        serving = {"runtime": network.runtime, "precision": network.precision, "threads": network.threads}
-        return {"service_version": __version__, **public_metadata(model.spec.metadata), "serving": serving}
+        return {"service_version": __version__, **public_metadata(model.spec.metadata), "serving": model.serving()}
 
     @app.post(
         "/segment",

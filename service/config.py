@@ -6,12 +6,11 @@ The CLI flags of ``nuclei-serve`` override the same fields, so there is exactly 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.runtime import RuntimeOptions
+from service.runtime import Precision, Runtime, RuntimeOptions
 from service.tiling import DEFAULT_MAX_TILE, check_max_tile
 
 
@@ -51,9 +50,9 @@ class Settings(BaseSettings):
     max_queue_tiles: int = Field(256, ge=1, description="Tiles (of the model's input size) allowed to wait for the "
                                  "model; beyond it, 503.")
     request_timeout_s: float = Field(120.0, gt=0, description="Per-request time limit; beyond it, 504 and the work is dropped.")
-    runtime: Literal["openvino", "tensorflow"] = Field(
+    runtime: Runtime = Field(
         "openvino", description="Network runtime: openvino (fast on CPUs, the default) or tensorflow (needs the train extra).")
-    precision: Literal["auto", "f32", "bf16", "int8"] = Field(
+    precision: Precision = Field(
         "auto", description="Network precision (openvino): auto is bf16 where the CPU computes it natively and the "
         "model passed the parity gate in bf16, else f32; int8 needs a model from training.quantize.")
     threads: int = Field(0, ge=0, description="Threads for the network in each worker (0: the CPUs this process may use, "

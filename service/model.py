@@ -101,6 +101,11 @@ class SegmentationModel:
         #: The network takes only ``image_size`` squares (resize-mode exports); else any multiple of ``GRID``.
         self.fixed_input = spec.inference == "resize" if network is None else network.fixed_input
 
+    def serving(self) -> dict[str, Any]:
+        """What runs the network: runtime, the precision it computes in, the threads it really uses."""
+        network = self.network
+        return {"runtime": network.runtime, "precision": network.precision, "threads": network.threads}
+
     def tile_limits(self, max_tile: int) -> tuple[int, int]:
         """(largest tile side, grid the side is rounded to) that this network accepts for ``max_tile``."""
         size = self.spec.image_size

@@ -18,14 +18,16 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
 log = logging.getLogger("nuclei_seg")
 
-RUNTIMES = ("openvino", "tensorflow")
-PRECISIONS = ("auto", "f32", "bf16", "int8")
+Runtime = Literal["openvino", "tensorflow"]
+Precision = Literal["auto", "f32", "bf16", "int8"]
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 SIGNATURE = "serving_default"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -38,8 +40,8 @@ class RuntimeUnavailable(RuntimeError):
 class RuntimeOptions:
     """How to run the network: which runtime, at which precision, on how many threads."""
 
-    runtime: str = "openvino"
-    precision: str = "auto"  # auto: bf16 where the CPU computes it natively and the model passed parity, else f32
+    runtime: Runtime = "openvino"
+    precision: Precision = "auto"  # auto: bf16 where the CPU computes it natively and the model passed parity, else f32
     threads: int = 0  # 0: the CPUs this process may use (see available_cpus), divided by ``workers``
     workers: int = 1
 
@@ -109,7 +111,7 @@ def load_network(model_dir: Path, metadata: dict[str, Any], options: RuntimeOpti
 
 
 def verified_precisions(metadata: dict[str, Any]) -> list[str]:
-    """Reduced precisions whose scores stayed within the parity gate of f32 (``training.evaluate --parity``)."""
+    """Precisions whose scores stayed within the parity gate of TensorFlow f32 (``training.parity --record``)."""
     parity = (metadata.get("runtime") or {}).get("parity") or {}
     return [name for name, result in parity.items() if isinstance(result, dict) and result.get("passed")]
 

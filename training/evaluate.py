@@ -94,9 +94,7 @@ def evaluate_model(model_dir: Path, data: DataSpec | list[DataSpec], out_dir: Pa
     rows, predictions, confidence = score_samples(dataset, model, options)
     summary = summarise(rows)
     summary["nucleus_probability_auc"] = ranking_auc(*confidence)
-    network = model.network
-    summary.update({"model": str(model_dir), "split": split, "options": asdict(options),
-                    "runtime": {"runtime": network.runtime, "precision": network.precision, "threads": network.threads}})
+    summary.update({"model": str(model_dir), "split": split, "options": asdict(options), "runtime": model.serving()})
     write_csv(rows, out_dir / "per_image.csv")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     worst_figure(dataset, predictions, rows, out_dir / "worst.png", worst)
