@@ -91,6 +91,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.ready = False
         model.attach_batcher(None)
         batcher.close()
+        app.state.metrics.close()
 
 
 def create_app(settings: Settings | None = None, model: SegmentationModel | None = None) -> FastAPI:
@@ -282,13 +283,6 @@ async def segment_upload(request: Request, data: bytes, name: str | None, model:
         raise HTTPException(status_code=422, detail=str(exc)) from None
 
 
-def request_options(settings: Settings, tiling: bool | None, tta: bool, min_size: int | None,
-                    diameter: float | None = None) -> SegmentOptions:
-    """The pipeline options of one request (shared by /segment and /segment/batch)."""
-    return SegmentOptions(tiling=tiling, tta=tta, min_size=min_size, diameter=diameter,
-                          tile_batch_size=settings.tile_batch_size, max_tile_size=settings.max_tile_size)
-
-
 #: The ``diameter`` query parameter, shared by /segment and /segment/batch.
 DIAMETER_QUERY = Query(ge=DIAMETER_RANGE[0], le=DIAMETER_RANGE[1], description=(
     "Typical nucleus diameter in pixels of the uploaded image (as Cellpose's diameter). The image is "
@@ -352,7 +346,7 @@ def _install_routes(app: FastAPI) -> None:
         diameter: Annotated[float | None, DIAMETER_QUERY] = None,
     ) -> Response:
         data = await read_upload(file, settings)
-        options = request_options(settings, tiling, tta, min_size, diameter)
+        options = settings.segment_options(tiling, tta, min_size, diameter)
         image, labels, probability = await segment_upload(request, data, file.filename, model, options)
         return await run_in_threadpool(encode_response, image, labels, format, probability)
 
@@ -379,7 +373,7 @@ def _install_routes(app: FastAPI) -> None:
     ) -> Response:
         if len(files) > settings.max_batch_files:
             raise HTTPException(status_code=413, detail=f"{len(files)} files; at most {settings.max_batch_files} per batch")
-        options = request_options(settings, tiling, tta, min_size, diameter)
+        options = settings.segment_options(tiling, tta, min_size, diameter)
         documents = []
         for index, upload in enumerate(files):  # one image in memory at a time
             data = await read_upload(upload, settings)

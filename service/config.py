@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.pipeline import SegmentOptions
 from service.runtime import Precision, Runtime, RuntimeOptions
 from service.tiling import DEFAULT_MAX_TILE, check_max_tile
 
@@ -64,6 +65,12 @@ class Settings(BaseSettings):
     def runtime_options(self) -> RuntimeOptions:
         """The network's runtime settings, as ``SegmentationModel.load`` takes them."""
         return RuntimeOptions(self.runtime, self.precision, self.threads, self.workers)
+
+    def segment_options(self, tiling: bool | None = None, tta: bool = False, min_size: int | None = None,
+                        diameter: float | None = None) -> SegmentOptions:
+        """The pipeline options of one image, the same for /segment, /segment/batch and ``nuclei-seg segment``."""
+        return SegmentOptions(tiling=tiling, tta=tta, min_size=min_size, diameter=diameter,
+                              tile_batch_size=self.tile_batch_size, max_tile_size=self.max_tile_size)
 
     @field_validator("max_tile_size")
     @classmethod
