@@ -1,11 +1,22 @@
-"""Prometheus metrics of one app instance (its own registry, so apps in tests do not collide)."""
+"""Prometheus metrics of one app instance (its own registry, so apps in tests do not collide).
+
+With several uvicorn workers each process counts only its own requests, so ``nuclei-serve``
+sets ``PROMETHEUS_MULTIPROC_DIR`` before the workers start: prometheus_client then keeps every
+value in per-process files there, and ``/metrics`` sums the files of all workers.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+#: prometheus_client chose file-backed values at import (``PROMETHEUS_MULTIPROC_DIR`` was set then);
+#: the value class, not the variable now, says where the numbers are.
+MULTIPROCESS: bool = bool(getattr(values.ValueClass, "_multiprocess", False))
 
 
 class Metrics:
@@ -21,7 +32,9 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=self.registry)
         self.batch_seconds = Histogram("nuclei_model_batch_seconds", "Seconds per model call.",
                                        buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.queue_depth = Gauge("nuclei_queue_tiles", "Tiles waiting for the model.", registry=self.registry)
+        # livesum: the tiles queued in all running workers (a stopped worker's queue is gone)
+        self.queue_depth = Gauge("nuclei_queue_tiles", "Tiles waiting for the model.", registry=self.registry,
+                                 multiprocess_mode="livesum")
         self.images = Counter("nuclei_images_total", "Images segmented.", registry=self.registry)
         self.megapixels = Counter("nuclei_megapixels_total", "Megapixels segmented.", registry=self.registry)
 
@@ -30,4 +43,14 @@ class Metrics:
         self.batch_seconds.observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This app's registry, or with several workers the sum over all workers' files."""
+        if not MULTIPROCESS:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    def close(self) -> None:
+        """At worker shutdown: drop this process's live gauges (queue depth) from the sums."""
+        if MULTIPROCESS:
+            multiprocess.mark_process_dead(os.getpid())
