@@ -1,19 +1,21 @@
 """Encode instance labels for the client: the last step of the request path.
 
-Binary mask PNG, 16-bit label PNG, outline overlay PNG, DSB2018 run-length encoding, per-nucleus
-measurements (scikit-image regionprops), and the DSB2018 submission CSV.
+Binary mask PNG, 16-bit label PNG and TIFF, outline overlay PNG, DSB2018 run-length encoding,
+per-nucleus measurements (scikit-image regionprops) as JSON or CSV, QuPath-style GeoJSON polygons,
+and the DSB2018 submission CSV.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from skimage.color import hsv2rgb
-from skimage.measure import regionprops
+from skimage.measure import find_contours, regionprops
 from skimage.segmentation import find_boundaries
 
 
@@ -57,6 +59,31 @@ def rle_from_coords(rows: np.ndarray, cols: np.ndarray, height: int) -> str:
     return " ".join(map(str, pairs.tolist()))
 
 
+def labels_from_rle(nuclei: list[dict[str, Any]], shape: tuple[int, int]) -> np.ndarray:
+    """The instance label image of an ``rle`` document's ``nuclei`` (each painted with its ``id``).
+
+    The inverse of :func:`rle_document`, run by clients that asked the service for RLE: one pass
+    over the runs, not a full-image mask per nucleus.
+    """
+    flat = np.zeros(shape[0] * shape[1], dtype=np.int32)
+    for nucleus in nuclei:
+        numbers = np.asarray(nucleus["rle"].split(), dtype=np.int64)
+        for start, length in zip(numbers[::2].tolist(), numbers[1::2].tolist()):
+            flat[start - 1:start - 1 + length] = nucleus["id"]
+    return flat.reshape(shape[1], shape[0]).T.copy()
+
+
+def labels_tiff(labels: np.ndarray) -> bytes:
+    """Instance labels as a zlib-compressed TIFF: 16-bit, or 32-bit past 65,535 nuclei (Fiji and
+    napari read both; a 16-bit PNG could not hold them)."""
+    import tifffile
+
+    dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, labels.astype(dtype), compression="zlib")
+    return buffer.getvalue()
+
+
 def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     """Inverse of :func:`rle_encode`: a ``uint8`` 0/1 mask of ``shape`` (height, width)."""
     flat = np.zeros(shape[0] * shape[1], dtype=np.uint8)
@@ -98,6 +125,64 @@ def rle_document(labels: np.ndarray, image: np.ndarray | None = None,
     """The ``format=rle`` response body."""
     nuclei = nuclei_records(labels, image, probability)
     return {"height": int(labels.shape[0]), "width": int(labels.shape[1]), "count": len(nuclei), "nuclei": nuclei}
+
+
+#: The columns of a measurements CSV: each record field, lists split into one column per element.
+MEASUREMENT_COLUMNS = ("id", "area", "bbox_min_row", "bbox_min_col", "bbox_max_row", "bbox_max_col",
+                       "centroid_row", "centroid_col", "perimeter", "eccentricity", "solidity",
+                       "mean_intensity", "nucleus_probability")
+
+
+def measurements_csv(nuclei: list[dict[str, Any]]) -> str:
+    """The per-nucleus fields of an ``rle`` document as CSV, one row per nucleus (RLE left out:
+    it is for machines, and ``--save rle`` writes it)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(MEASUREMENT_COLUMNS)
+    for n in nuclei:
+        values = [n["id"], n["area"], *n["bbox"], *n["centroid"], n["perimeter"], n["eccentricity"],
+                  n["solidity"], n["mean_intensity"], n["nucleus_probability"]]
+        writer.writerow(["" if v is None else v for v in values])
+    return buffer.getvalue()
+
+
+def geojson_document(labels: np.ndarray, nuclei: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A GeoJSON FeatureCollection with one polygon per nucleus, as QuPath imports detections.
+
+    Coordinates are ``[x, y]`` in continuous pixel units (pixel ``(row, col)`` covers ``x`` in
+    ``[col, col + 1)``, as QuPath and shapely read them), the outline of the nucleus' largest part; ``nuclei`` (the ``rle`` records) add their measurements as properties.
+    """
+    by_id = {n["id"]: n for n in nuclei or []}
+    features = []
+    for region in regionprops(labels):
+        ring = outline(region.image, region.bbox[0], region.bbox[1])
+        measured = {k: v for k, v in by_id.get(region.label, {}).items() if k not in ("rle", "bbox", "centroid", "id")
+                    and v is not None}
+        features.append({
+            "type": "Feature",
+            "id": str(region.label),
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"objectType": "detection", "name": f"nucleus {region.label}", "label": int(region.label),
+                           "classification": {"name": "Nucleus", "color": [0, 160, 255]}, "measurements": measured},
+        })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def outline(mask: np.ndarray, row0: int, col0: int) -> list[list[float]]:
+    """The closed ``[x, y]`` ring around a binary crop at offset ``(row0, col0)``: the longest
+    iso-contour at 0.5 of the zero-padded crop, so it runs along the pixel edges between the
+    nucleus and the background (cutting corners by half a pixel)."""
+    contours = find_contours(np.pad(mask.astype(np.float32), 1), 0.5)
+    ring = max(contours, key=len)
+    shift_x, shift_y = col0 - 0.5, row0 - 0.5  # -1 for the padding, +0.5 from pixel centres to edges
+    points = [[round(float(c) + shift_x, 2), round(float(r) + shift_y, 2)] for r, c in ring]
+    if points[0] != points[-1]:
+        points.append(points[0])
+    return points
+
+
+def geojson_bytes(labels: np.ndarray, nuclei: list[dict[str, Any]] | None = None) -> bytes:
+    return json.dumps(geojson_document(labels, nuclei), separators=(",", ":")).encode()
 
 
 def overlay_png(image: np.ndarray, labels: np.ndarray) -> bytes:
