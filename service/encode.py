@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 from skimage.color import hsv2rgb
 from skimage.measure import find_contours, regionprops
+
+from service.measure import measure, run_lengths
 from skimage.segmentation import find_boundaries
 
 
@@ -97,26 +99,26 @@ def nuclei_records(labels: np.ndarray, image: np.ndarray | None = None,
                    probability: np.ndarray | None = None) -> list[dict[str, Any]]:
     """One JSON-ready record per nucleus: id, RLE, area, bbox, centroid, morphology and confidence.
 
-    ``probability[i]`` is nucleus ``i + 1``'s mean P(nucleus) (``service.postprocess.nucleus_probability``).
+    ``probability[i]`` is nucleus ``i + 1``'s mean P(nucleus) (``service.postprocess.nucleus_probability``);
+    the morphology is regionprops' (``service.measure``).
     """
     gray = None if image is None else image.mean(axis=-1) if image.ndim == 3 else image
+    m = measure(labels, gray)
+    rles = run_lengths(labels, m.labels)
     records = []
-    for region in regionprops(labels, intensity_image=gray):
-        r0, c0, r1, c1 = region.bbox
-        coords = region.coords
-        record = {
-            "id": int(region.label),
-            "rle": rle_from_coords(coords[:, 0], coords[:, 1], labels.shape[0]),
-            "area": int(region.area),
-            "bbox": [int(r0), int(c0), int(r1), int(c1)],
-            "centroid": [round(float(region.centroid[0]), 2), round(float(region.centroid[1]), 2)],
-            "perimeter": round(float(region.perimeter), 2),
-            "eccentricity": round(float(region.eccentricity), 4),
-            "solidity": round(float(region.solidity), 4),
-            "mean_intensity": None if gray is None else round(float(region.intensity_mean), 2),
-            "nucleus_probability": None if probability is None else round(float(probability[region.label - 1]), 4),
-        }
-        records.append(record)
+    for k, label in enumerate(m.labels.tolist()):
+        records.append({
+            "id": label,
+            "rle": rles[k],
+            "area": int(m.area[k]),
+            "bbox": [int(v) for v in m.bbox[k]],
+            "centroid": [round(float(m.centroid[k, 0]), 2), round(float(m.centroid[k, 1]), 2)],
+            "perimeter": round(float(m.perimeter[k]), 2),
+            "eccentricity": round(float(m.eccentricity[k]), 4),
+            "solidity": round(float(m.solidity[k]), 4),
+            "mean_intensity": None if m.mean_intensity is None else round(float(m.mean_intensity[k]), 2),
+            "nucleus_probability": None if probability is None else round(float(probability[label - 1]), 4),
+        })
     return records
 
 
