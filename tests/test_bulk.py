@@ -260,12 +260,15 @@ def test_stopped_run_marks_the_rest_pending_and_a_rerun_does_only_them(images: P
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a file from a killed run")
     stopped = run_jobs(jobs, layout, StopAfterTwo(shipped, Settings().segment_options(), 4_000_000), stop)
-    assert stopped.interrupted and stopped.exit_status == 130 and stopped.pending == 4
+    # stopped after the second image: at most the two images then in flight (one segmenting, one writing) finish
+    assert stopped.interrupted and stopped.exit_status == 130 and stopped.pending in (3, 4)
     assert not stale.exists()
-    assert [r["status"] for r in read_summary(out)].count("pending") == 4
+    before = [r["status"] for r in read_summary(out)]
+    assert before.count("pending") == stopped.pending
     resumed = run_jobs(jobs, layout, engine_for(shipped), threading.Event())
-    assert resumed.skipped + resumed.segmented + resumed.failed == 6 and resumed.segmented + resumed.skipped == 5
-    assert resumed.skipped == sum(1 for job in jobs[:2] if job.key != "plateA/corrupt")
+    assert resumed.skipped == before.count("ok")
+    assert resumed.segmented + resumed.failed == before.count("pending") + before.count("error")
+    assert [r["status"] for r in read_summary(out)].count("pending") == 0
 
 
 def test_cli_end_to_end_sigterm_stops_cleanly_and_rerun_resumes(tmp_path: Path):

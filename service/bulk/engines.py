@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -33,11 +34,19 @@ log = logging.getLogger("nuclei_seg.bulk")
 
 @dataclass
 class Segmented:
-    """One image's result: its labels, the ``rle`` document's nucleus records, and (if read) the image."""
+    """One image's result: its labels, (if read) the image, and the ``rle`` document's nucleus
+    records, given by a server or measured on first use (so that measuring can run off the
+    thread that runs the network)."""
 
     labels: np.ndarray
-    nuclei: list[dict[str, Any]]
     image: np.ndarray | None
+    nuclei: list[dict[str, Any]] | None = None
+    probability: np.ndarray | None = None  # each nucleus' mean P(nucleus), for measuring here
+
+    def records(self) -> list[dict[str, Any]]:
+        if self.nuclei is None:
+            self.nuclei = rle_document(self.labels, self.image, self.probability)["nuclei"]
+        return self.nuclei
 
 
 class Segmenter(Protocol):
@@ -53,8 +62,7 @@ class LocalSegmenter:
     def __call__(self, source: Path) -> Segmented:
         image = decode_image(source.read_bytes(), max_pixels=self.max_pixels)
         result = segment(image, self.model, self.options)
-        probability = nucleus_probability(result.labels, result.probabilities)
-        return Segmented(result.labels, rle_document(result.labels, image, probability)["nuclei"], image)
+        return Segmented(result.labels, image, probability=nucleus_probability(result.labels, result.probabilities))
 
 
 class ServerSegmenter:
@@ -70,21 +78,36 @@ class ServerSegmenter:
         document = self.client.segment(source, format="rle", **self.params)
         labels = labels_from_rle(document["nuclei"], (document["height"], document["width"]))
         image = decode_image(source.read_bytes(), max_pixels=self.max_pixels) if self.need_image else None
-        return Segmented(labels, document["nuclei"], image)
+        return Segmented(labels, image, document["nuclei"])
 
 
 def process(job: Job, segmenter: Segmenter, layout: Layout) -> Row:
     """Segment one image and write its files, then its status record. Never raises for a bad
     image: the reason goes into the row, and the run goes on."""
     start = time.perf_counter()
+    return finish(job, attempt(job, segmenter), layout, start)
+
+
+def attempt(job: Job, segmenter: Segmenter) -> Segmented | Exception:
+    """The image segmented, or why it could not be (corrupt, too large, unreadable, refused)."""
     try:
-        result = segmenter(job.source)
-        layout.write(job.key, result.labels, result.nuclei, result.image)
-        row = Row.ok(job.key, job.source, result.nuclei, time.perf_counter() - start)
-    except Exception as exc:  # corrupt, too large, unreadable, refused by the server: the image's own failure
+        return segmenter(job.source)
+    except Exception as exc:  # the image's own failure: recorded, and the run goes on
         if not isinstance(exc, (ValueError, OSError, RuntimeError)):
             log.exception("%s: unexpected error", job.source)
-        row = Row.failed(job.key, job.source, f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
+        return exc
+
+
+def finish(job: Job, result: Segmented | Exception, layout: Layout, start: float) -> Row:
+    """Measure and write a segmented image's files, then its status record (the mark of done)."""
+    if not isinstance(result, Exception):
+        try:
+            layout.write(job.key, result.labels, result.records(), result.image)
+            row = Row.ok(job.key, job.source, result.records(), time.perf_counter() - start)
+        except OSError as exc:  # disk full, permissions: this image fails, the run goes on
+            result = exc
+    if isinstance(result, Exception):
+        row = Row.failed(job.key, job.source, f"{type(result).__name__}: {result}", time.perf_counter() - start)
     layout.record(row)
     return row
 
@@ -100,17 +123,25 @@ class Engine(Protocol):
 
 
 class InProcess:
-    """One image after another with the model loaded here."""
+    """One image after another with the model loaded here; each image is measured and written on
+    a second thread while the next one is segmented, so the files cost little wall time."""
 
     def __init__(self, model: SegmentationModel, options: SegmentOptions, max_pixels: int) -> None:
         self.model = model
         self.segmenter = LocalSegmenter(model, options, max_pixels)
 
     def run(self, jobs: list[Job], layout: Layout, stop: threading.Event) -> Iterator[Row]:
-        for job in jobs:
-            if stop.is_set():
-                return
-            yield process(job, self.segmenter, layout)
+        with ThreadPoolExecutor(1, thread_name_prefix="nuclei-seg-write") as writer:
+            pending: deque[Future] = deque()
+            for job in jobs:
+                if stop.is_set():
+                    break
+                start = time.perf_counter()
+                pending.append(writer.submit(finish, job, attempt(job, self.segmenter), layout, start))
+                while pending and (pending[0].done() or len(pending) > 1):  # one image waits, at most
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "in-process", "serving": self.model.serving()}
