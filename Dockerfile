@@ -1,5 +1,7 @@
 # nuclei-seg: CPU inference service. Build: docker build -t nuclei-seg .  Run: docker run -p 8000:8000 nuclei-seg
+# For Dask workers (nuclei-seg segment --scheduler): docker build --build-arg EXTRAS=dask -t nuclei-seg:dask .
 FROM python:3.11-slim
+ARG EXTRAS=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -11,7 +13,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY constraints.txt pyproject.toml README.md ./
 COPY service ./service
-RUN pip install --constraint constraints.txt . \
+RUN pip install --constraint constraints.txt ".${EXTRAS:+[$EXTRAS]}" \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin app
 COPY models/default ./models/default
 
