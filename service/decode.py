@@ -7,6 +7,12 @@ exactly as the model saw them.
 Errors are typed (:class:`DecodeError` -> HTTP 415/422, :class:`TooLargeError` -> HTTP 413) and
 raised *before* any large allocation: the declared size is checked against ``max_pixels`` from
 the file header, so a decompression bomb costs nothing.
+
+Channels and pages: gray, RGB and RGBA are read as they are. Anything with other channels
+(a Fiji hyperstack ``CYX``, an OME-TIFF, 2 or 5 channels last) or several pages (multi-page
+TIFF, animated GIF) needs ``channel`` (0-based) to say which plane holds the nuclei: guessing
+would segment the wrong one and still answer 200. A z-stack or time series is refused: the
+model is 2D.
 """
 
 from __future__ import annotations
@@ -37,19 +43,43 @@ class TooLargeError(ValueError):
     """The image declares more pixels than allowed (HTTP 413)."""
 
 
-def decode_image(data: bytes, max_pixels: int = 50_000_000) -> np.ndarray:
+#: How much more than ``max_pixels`` a multi-channel TIFF may hold in all (it is read whole).
+MAX_PLANES = 16
+
+
+def decode_image(data: bytes, max_pixels: int = 50_000_000, channel: int | None = None) -> np.ndarray:
     """Decode image bytes (PNG, JPEG, TIFF, BMP, GIF, WebP) into an ``(H, W, 3) uint8`` RGB array.
 
-    Multi-frame files (animated GIF, multi-page TIFF) yield their first frame. 16-bit and float
-    data are rescaled to 8 bits between robust percentiles; NaN and inf become the minimum.
+    ``channel`` picks the nuclear channel (or page) of a multi-channel or multi-page image; the
+    chosen plane is returned as gray. 16-bit and float data are rescaled to 8 bits between
+    robust percentiles; NaN and inf become the minimum.
     """
     if not data:
         raise DecodeError("empty upload: the file has no bytes")
+    if channel is not None and channel < 0:
+        raise DecodeError(f"channel must be >= 0, got {channel}")
     if data[:4] in TIFF_MAGIC:
-        array = _decode_tiff(data, max_pixels)
+        array = _decode_tiff(data, max_pixels, channel)
     else:
-        array = _decode_pil(data, max_pixels)
+        array = _decode_pil(data, max_pixels, channel)
     return to_rgb_uint8(array)
+
+
+def _choose(count: int, what: str, axes: str, channel: int | None) -> int:
+    """The plane ``channel`` of ``count`` (validated), or the error that asks for it."""
+    if channel is None:
+        choices = "channel=0 or channel=1" if count == 2 else f"one of channel=0 to channel={count - 1}"
+        raise DecodeError(f"{count} {what} ({axes}); pass {choices} to choose the one with the nuclei")
+    if channel >= count:
+        raise DecodeError(f"channel={channel}, but the image has {count} {what} ({axes}): 0 to {count - 1}")
+    return channel
+
+
+def _one_plane(array: np.ndarray, channel: int | None) -> np.ndarray:
+    """A single-plane image: any ``channel`` but 0 names a plane that is not there."""
+    if channel not in (None, 0):
+        raise DecodeError(f"channel={channel}, but the image has one channel (pass channel=0 or none)")
+    return array
 
 
 def _check_pixels(height: int, width: int, max_pixels: int) -> None:
@@ -61,7 +91,8 @@ def _check_pixels(height: int, width: int, max_pixels: int) -> None:
         )
 
 
-def _decode_pil(data: bytes, max_pixels: int) -> np.ndarray:
+def _decode_pil(data: bytes, max_pixels: int, channel: int | None) -> np.ndarray:
+    """A Pillow-readable file's pixels; several frames need ``channel`` to pick one."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -69,9 +100,15 @@ def _decode_pil(data: bytes, max_pixels: int) -> np.ndarray:
             if image.format not in PIL_FORMATS:
                 raise DecodeError(f"unsupported image format {image.format}", unsupported_type=True)
             _check_pixels(image.height, image.width, max_pixels)
-            frame = next(ImageSequence.Iterator(image))
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                image.seek(_choose(frames, "pages (frames)", "IYX", channel))
+                channel = None  # the page was the choice; its pixels are read as they are
+                frame = image
+            else:
+                frame = next(ImageSequence.Iterator(image))
             frame.load()
-            return _pil_to_array(frame)
+            return _select_channel(_pil_to_array(frame), channel)
     except (DecodeError, TooLargeError):
         raise
     except UnidentifiedImageError:
@@ -96,41 +133,75 @@ def _pil_to_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
-def _decode_tiff(data: bytes, max_pixels: int) -> np.ndarray:
+def _select_channel(array: np.ndarray, channel: int | None) -> np.ndarray:
+    """A channels-last array as it is (gray, RGB, RGBA), or its plane ``channel`` as gray."""
+    if array.ndim == 2:
+        return _one_plane(array, channel)
+    if channel is None and array.shape[-1] in (1, 3, 4):
+        return array
+    return array[..., _choose(array.shape[-1], "channels", "YXC", channel)]
+
+
+def _decode_tiff(data: bytes, max_pixels: int, channel: int | None) -> np.ndarray:
+    """The pixels of a TIFF (ImageJ hyperstack and OME-TIFF included), read through its
+    series' axes so that channels, pages, z-slices and time points are told apart."""
     import tifffile
 
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             if not tif.pages:
                 raise DecodeError("TIFF has no pages")
-            page = tif.pages[0]
-            shape = tuple(int(s) for s in page.shape)
-            height, width = _tiff_height_width(shape)
+            series = tif.series
+            if len(series) > 1:  # separate images in one file (pages of different shapes)
+                chosen = series[_choose(len(series), "images (TIFF series)", "IYX", channel)]
+                channel = None
+            else:
+                chosen = series[0]
+            axes, shape = _plane_axes(chosen.axes, tuple(int(n) for n in chosen.shape))
+            height, width = shape[axes.index("Y")], shape[axes.index("X")]
             _check_pixels(height, width, max_pixels)
-            array = page.asarray()
+            if int(np.prod(shape)) > MAX_PLANES * max_pixels:
+                raise TooLargeError(f"TIFF holds {int(np.prod(shape))} values ({axes} {shape}), over "
+                                    f"{MAX_PLANES} planes of the {max_pixels}-pixel limit")
+            array = np.asarray(chosen.asarray()).reshape(shape)
     except (DecodeError, TooLargeError):
         raise
     except Exception as exc:  # tifffile raises many types on corrupt data
         raise DecodeError(f"corrupt or unsupported TIFF: {exc}") from None
-    array = np.asarray(array)
-    if array.ndim == 3 and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4):
-        array = np.moveaxis(array, 0, -1)  # planar (C, H, W) -> (H, W, C)
-    return array
+    return _tiff_plane(array, axes, channel)
 
 
-def _tiff_height_width(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(height, width) of a 2D page: (H, W), (H, W, S) or planar (S, H, W) with at most 4 samples.
+def _plane_axes(axes: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    """The series' axes without its length-1 ones; a z-stack or time series is refused here,
+    before any pixel is read."""
+    if "Y" not in axes or "X" not in axes:
+        raise DecodeError(f"unsupported TIFF layout {axes} {shape}; expected a 2D image (Y and X axes)")
+    kept = [(a, n) for a, n in zip(axes, shape) if n > 1 or a in "YX"]
+    sizes = dict(kept)
+    if sizes.get("Z", 1) > 1:
+        raise DecodeError(f"a z-stack of {sizes['Z']} slices ({axes} {shape}); this is a 2D model: project "
+                          "it (e.g. a maximum-intensity projection in Fiji) or save one slice")
+    if sizes.get("T", 1) > 1:
+        raise DecodeError(f"a time series of {sizes['T']} frames ({axes} {shape}); this is a 2D model: "
+                          "send one frame at a time")
+    return "".join(a for a, _ in kept), tuple(n for _, n in kept)
 
-    Anything else (volumes, hundreds of samples) is refused before its data is read, so the
-    pixel limit cannot be dodged through extra dimensions.
-    """
-    if len(shape) == 2:
-        return shape
-    if len(shape) == 3 and shape[-1] <= 4:
-        return shape[0], shape[1]
-    if len(shape) == 3 and shape[0] <= 4:
-        return shape[1], shape[2]
-    raise DecodeError(f"unsupported TIFF layout with shape {shape}; expected a 2D image with at most 4 channels")
+
+def _tiff_plane(array: np.ndarray, axes: str, channel: int | None) -> np.ndarray:
+    """The 2D image of a squeezed TIFF series: samples of RGB(A) kept, any other axis chosen by
+    ``channel``."""
+    others = [a for a in axes if a not in "YX"]
+    if len(others) > 1:
+        raise DecodeError(f"unsupported TIFF layout {axes} {array.shape}; expected one channel or page axis")
+    array = np.moveaxis(array, [axes.index("Y"), axes.index("X")], [0, 1])
+    if not others:
+        return _one_plane(array, channel)
+    (axis,) = others
+    count = array.shape[-1]
+    if axis == "S" and count in (3, 4) and channel is None:
+        return array  # RGB or RGBA samples
+    what = "channels" if axis in "CS" else "pages"
+    return array[..., _choose(count, what, axes, channel)]
 
 
 def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
