@@ -1,7 +1,10 @@
 """Python client of the HTTP service, with the retries a busy or restarting cluster needs.
 
-``Client(url).segment(path)`` posts one image to ``POST /segment`` and returns the JSON document
-(``format="rle"``) or the PNG bytes. It retries what a loaded service or a load balancer answers
+``Client(url).segment(image)`` posts one image (a path, bytes or a numpy array) to
+``POST /segment`` and returns what the format is in Python: a numpy label image
+(``format="labels"``), the JSON document as a dict (``rle``, ``geojson``), a numpy mask or overlay
+(``png``, ``overlay``), or the zip's bytes (``imagej-roi``). One client keeps one connection pool.
+It retries what a loaded service or a load balancer answers
 while replicas start or drain (429, 502, 503, 504, and connection errors), waiting the server's
 ``Retry-After`` when it gives one, else an exponential backoff with jitter. Every other error is
 raised at once as :class:`ServiceError` with the server's own message, because sending the same
@@ -10,6 +13,7 @@ corrupt image again cannot help.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import time
@@ -19,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+from PIL import Image
 
 #: Statuses worth retrying: overload (503/429) and a proxy that has no healthy replica yet (502/504).
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
@@ -81,20 +87,24 @@ class Client:
         """The served model's metadata (``GET /model``)."""
         return self._request("GET", "/model").json()
 
-    def segment(self, image: bytes | str | Path, filename: str | None = None, format: str = "rle",
+    def segment(self, image: bytes | str | Path | np.ndarray, filename: str | None = None, format: str = "rle",
                 **params: Any) -> Any:
-        """Segment one image (bytes or a path): the JSON document for ``format="rle"``, else PNG bytes.
+        """Segment one image: a path, the file's bytes, or an array (``(H, W)``, ``(H, W, C)``; sent
+        losslessly, as PNG or, past 8 bits or 4 channels, as TIFF).
 
-        ``params`` are the query parameters of ``POST /segment`` (``diameter``, ``tiling``, ``tta``,
-        ``min_size``); ``None`` values are left out so the server's defaults apply.
+        ``params`` are the query parameters of ``POST /segment`` (``diameter``, ``channel``,
+        ``prob_thresh``, ``seed_thresh``, ``tiling``, ``tta``, ``min_size``); ``None`` values are
+        left out, so the server's defaults apply.
         """
-        if isinstance(image, (str, Path)):
+        if isinstance(image, np.ndarray):
+            filename, image = filename or "array", encode_array(image)
+        elif isinstance(image, (str, Path)):
             filename = filename or Path(image).name
             image = Path(image).read_bytes()
         query = {"format": format, **{k: _query_value(v) for k, v in params.items() if v is not None}}
         files = {"file": (filename or "image", image, "application/octet-stream")}
         response = self._request("POST", "/segment", params=query, files=files)
-        return response.json() if format == "rle" else response.content
+        return parse_answer(response, format)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One request, retried on overload and connection errors; other errors raise ServiceError."""
@@ -113,6 +123,30 @@ class Client:
                 raise ServiceError(f"HTTP {response.status_code}: {_detail(response)}", response.status_code)
             self._sleep(self.retry.wait(attempt, response.headers.get("retry-after")))
         raise AssertionError("unreachable")  # the loop returns or raises on its last attempt
+
+
+def encode_array(array: np.ndarray) -> bytes:
+    """An image array as lossless file bytes: PNG where it fits (8-bit gray, RGB, RGBA), else TIFF."""
+    array = np.asarray(array)
+    buffer = io.BytesIO()
+    if array.dtype == np.uint8 and (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+        Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    else:
+        import tifffile
+
+        tifffile.imwrite(buffer, array, photometric="minisblack" if array.ndim == 3 else None,
+                         planarconfig="contig" if array.ndim == 3 else None)
+    return buffer.getvalue()
+
+
+def parse_answer(response: httpx.Response, format: str) -> Any:
+    """The answer of ``format`` in Python: dict (rle, geojson), numpy array (labels, png, overlay), bytes."""
+    if format in ("rle", "geojson"):
+        return response.json()
+    if format in ("labels", "png", "overlay"):
+        array = np.asarray(Image.open(io.BytesIO(response.content)))
+        return array.astype(np.int32) if format == "labels" else array
+    return response.content
 
 
 def _query_value(value: Any) -> Any:

@@ -67,10 +67,12 @@ class Settings(BaseSettings):
         return RuntimeOptions(self.runtime, self.precision, self.threads, self.workers)
 
     def segment_options(self, tiling: bool | None = None, tta: bool = False, min_size: int | None = None,
-                        diameter: float | None = None) -> SegmentOptions:
+                        diameter: float | None = None, prob_thresh: float | None = None,
+                        seed_thresh: float | None = None) -> SegmentOptions:
         """The pipeline options of one image, the same for /segment, /segment/batch and ``nuclei-seg segment``."""
-        return SegmentOptions(tiling=tiling, tta=tta, min_size=min_size, diameter=diameter,
-                              tile_batch_size=self.tile_batch_size, max_tile_size=self.max_tile_size)
+        return SegmentOptions(tiling=tiling, tta=tta, min_size=min_size, diameter=diameter, prob_thresh=prob_thresh,
+                              seed_thresh=seed_thresh, tile_batch_size=self.tile_batch_size,
+                              max_tile_size=self.max_tile_size)
 
     @field_validator("max_tile_size")
     @classmethod

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from skimage.color import hsv2rgb
-from skimage.measure import find_contours, regionprops
+from skimage.measure import approximate_polygon, find_contours, regionprops
 
 from service.measure import measure, run_lengths
 from skimage.segmentation import find_boundaries
@@ -152,35 +152,60 @@ def geojson_document(labels: np.ndarray, nuclei: list[dict[str, Any]] | None = N
     """A GeoJSON FeatureCollection with one polygon per nucleus, as QuPath imports detections.
 
     Coordinates are ``[x, y]`` in continuous pixel units (pixel ``(row, col)`` covers ``x`` in
-    ``[col, col + 1)``, as QuPath and shapely read them), the outline of the nucleus' largest part; ``nuclei`` (the ``rle`` records) add their measurements as properties.
+    ``[col, col + 1)``, as QuPath, ImageJ and shapely read them), the outline of the nucleus'
+    largest part, simplified to within 0.4 px; ``nuclei`` (the ``rle`` records) add their measurements as properties.
     """
     by_id = {n["id"]: n for n in nuclei or []}
     features = []
-    for region in regionprops(labels):
-        ring = outline(region.image, region.bbox[0], region.bbox[1])
-        measured = {k: v for k, v in by_id.get(region.label, {}).items() if k not in ("rle", "bbox", "centroid", "id")
+    for label, ring in outlines(labels):
+        measured = {k: v for k, v in by_id.get(label, {}).items() if k not in ("rle", "bbox", "centroid", "id")
                     and v is not None}
         features.append({
             "type": "Feature",
-            "id": str(region.label),
+            "id": str(label),
             "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {"objectType": "detection", "name": f"nucleus {region.label}", "label": int(region.label),
+            "properties": {"objectType": "detection", "name": f"nucleus {label}", "label": label,
                            "classification": {"name": "Nucleus", "color": [0, 160, 255]}, "measurements": measured},
         })
     return {"type": "FeatureCollection", "features": features}
 
 
-def outline(mask: np.ndarray, row0: int, col0: int) -> list[list[float]]:
+def outlines(labels: np.ndarray) -> list[tuple[int, list[list[float]]]]:
+    """``(label, closed [x, y] ring)`` of every nucleus: the polygon of GeoJSON and ImageJ ROIs."""
+    return [(int(region.label), outline(region.image, region.bbox[0], region.bbox[1]))
+            for region in regionprops(labels)]
+
+
+def outline(mask: np.ndarray, row0: int, col0: int, tolerance: float = 0.4) -> list[list[float]]:
     """The closed ``[x, y]`` ring around a binary crop at offset ``(row0, col0)``: the longest
     iso-contour at 0.5 of the zero-padded crop, so it runs along the pixel edges between the
-    nucleus and the background (cutting corners by half a pixel)."""
+    nucleus and the background (cutting corners by half a pixel), simplified (Douglas-Peucker)
+    to within ``tolerance`` px: a 60-px nucleus needs about 60 vertices, not 245. At 0.5 px a
+    nucleus of 8 px across rasterises back at IoU 0.93 only; at 0.4, 1.0."""
     contours = find_contours(np.pad(mask.astype(np.float32), 1), 0.5)
-    ring = max(contours, key=len)
+    ring = approximate_polygon(max(contours, key=len), tolerance)
     shift_x, shift_y = col0 - 0.5, row0 - 0.5  # -1 for the padding, +0.5 from pixel centres to edges
     points = [[round(float(c) + shift_x, 2), round(float(r) + shift_y, 2)] for r, c in ring]
     if points[0] != points[-1]:
         points.append(points[0])
     return points
+
+
+def imagej_roi_zip(labels: np.ndarray) -> bytes:
+    """A zip of ImageJ polygon ROIs, one per nucleus (``nucleus-0001.roi`` ...), that Fiji's ROI
+    Manager opens (File > Open, or drag the zip onto Fiji); sub-pixel coordinates as GeoJSON's."""
+    import zipfile
+
+    from roifile import ROI_TYPE, ImagejRoi
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for label, ring in outlines(labels):
+            name = f"nucleus-{label:04d}"
+            roi = ImagejRoi.frompoints(np.asarray(ring[:-1], dtype=np.float32), name=name)
+            roi.roitype = ROI_TYPE.POLYGON
+            archive.writestr(f"{name}.roi", roi.tobytes())
+    return buffer.getvalue()
 
 
 def geojson_bytes(labels: np.ndarray, nuclei: list[dict[str, Any]] | None = None) -> bytes:

@@ -22,6 +22,10 @@ from service.size import DIAMETER_RANGE, View, estimated_view, scale_for_diamete
 from service.tiling import DEFAULT_MAX_TILE, check_max_tile, predict_tiled
 
 
+#: Where the per-request probability thresholds may be set (0 or 1 would keep or drop everything).
+THRESHOLD_RANGE = (0.05, 0.95)
+
+
 @dataclass(frozen=True)
 class SegmentOptions:
     """Per-request choices; ``None`` means the model's default from its metadata."""
@@ -29,6 +33,8 @@ class SegmentOptions:
     tiling: bool | None = None  # True: native-resolution tiles; False: resize to the model input (reference)
     tta: bool = False  # average predictions over flips (4x the model cost)
     min_size: int | None = None  # drop nuclei smaller than this many pixels
+    prob_thresh: float | None = None  # P(nucleus) above this is foreground (StarDist's prob_thresh)
+    seed_thresh: float | None = None  # P(interior) above this seeds a nucleus: higher splits fewer
     tile_batch_size: int = 8  # pixels per model call: this many tiles of the model's input size
     max_tile_size: int = DEFAULT_MAX_TILE  # largest tile side; tiles are sized to the image up to it
     auto_scale: bool = True  # rescale to the canonical nucleus size (tile mode, when the model has one)
@@ -37,9 +43,21 @@ class SegmentOptions:
 
     def __post_init__(self) -> None:
         check_max_tile(self.max_tile_size)
+        for name in ("prob_thresh", "seed_thresh"):
+            value = getattr(self, name)
+            if value is not None and not THRESHOLD_RANGE[0] <= value <= THRESHOLD_RANGE[1]:
+                raise ValueError(f"{name} must be within {THRESHOLD_RANGE[0]:g}-{THRESHOLD_RANGE[1]:g}, got {value:g}")
         if self.diameter is not None and not DIAMETER_RANGE[0] <= self.diameter <= DIAMETER_RANGE[1]:
             raise ValueError(f"diameter must be within {DIAMETER_RANGE[0]:g}-{DIAMETER_RANGE[1]:g} px, "
                              f"got {self.diameter:g}")
+
+
+    def applied_to(self, params: PostprocessParams) -> PostprocessParams:
+        """The model's decoding thresholds with this request's own in their place."""
+        chosen = {"min_size": self.min_size, "foreground_threshold": self.prob_thresh,
+                  "seed_threshold": self.seed_thresh}
+        chosen = {k: v for k, v in chosen.items() if v is not None}
+        return replace(params, **chosen) if chosen else params
 
 
 class DeadlineExceeded(TimeoutError):
@@ -62,8 +80,7 @@ class SizeError(ValueError):
 def segment(image: np.ndarray, model: SegmentationModel, options: SegmentOptions = SegmentOptions()) -> Segmentation:
     """Segment one ``(H, W, 3) uint8`` RGB image into nucleus instances at its own size."""
     spec = model.spec
-    params = spec.postprocess_for(image)  # the raw image's modality may have thresholds of its own
-    params = params if options.min_size is None else replace(params, min_size=options.min_size)
+    params = options.applied_to(spec.postprocess_for(image))  # the raw image's modality may have its own
     image = normalise(image, spec.normalise)
     tiling = spec.inference == "tile" if options.tiling is None else options.tiling
     if options.diameter is not None and not (tiling and spec.canonical_diameter):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -192,7 +193,7 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path: Path):
 def test_run_writes_every_output_and_records_the_bad_image(images: Path, tmp_path: Path, shipped):
     out = tmp_path / "out"
     jobs = find_jobs([str(images)])
-    outcome = run_jobs(jobs, layout_for(out, ("overlay", "geojson", "rle"), shipped), engine_for(shipped),
+    outcome = run_jobs(jobs, layout_for(out, ("overlay", "geojson", "imagej-roi", "rle"), shipped), engine_for(shipped),
                        threading.Event())
     assert (outcome.total, outcome.segmented, outcome.failed, outcome.exit_status) == (6, 5, 1, 1)
     rows = {row["image"]: row for row in read_summary(out)}
@@ -210,6 +211,7 @@ def test_run_writes_every_output_and_records_the_bad_image(images: Path, tmp_pat
         with open(out / "measurements" / f"{key}.csv", newline="") as handle:
             assert len(list(csv.DictReader(handle))) == int(row["count"])
         assert (out / "overlays" / f"{key}.png").is_file() and (out / "rle" / f"{key}.csv").is_file()
+        assert len(zipfile.ZipFile(out / "rois" / f"{key}.zip").namelist()) == int(row["count"])
         assert len(json.loads((out / "geojson" / f"{key}.geojson").read_text())["features"]) == int(row["count"])
     run = json.loads((out / "run.json").read_text())
     assert run["outcome"]["failed"] == 1 and run["ended"] and run["packages"]["numpy"] and run["engine"] == "in-process"

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="native-resolution tiles, or resize to the model input (default: the model's mode)")
     what.add_argument("--tta", action="store_true", help="average 4 flipped predictions (4x slower)")
     what.add_argument("--min-size", type=int, help="drop nuclei smaller than this many pixels")
+    what.add_argument("--channel", type=int, help="nuclear channel (0-based) of multi-channel images, or page")
+    what.add_argument("--prob-thresh", type=float, help="foreground threshold (default: the model's)")
+    what.add_argument("--seed-thresh", type=float, help="seed threshold (default: the model's)")
     local = seg.add_argument_group("in-process and Dask (default: the NUCLEI_* settings)")
     local.add_argument("--model-dir", type=Path, help="exported model folder (default NUCLEI_MODEL_DIR or the shipped model)")
     local.add_argument("--runtime", choices=RUNTIMES)
@@ -80,8 +83,10 @@ def segment_command(args: argparse.Namespace) -> int:
     try:
         settings, extras = settings_from(args), parse_extras(args.save)
         jobs = find_jobs(args.inputs, exclude=args.out)
-        options = settings.segment_options(args.tiling, args.tta, args.min_size, args.diameter)
-        chosen = {"tiling": args.tiling, "tta": args.tta, "min_size": args.min_size, "diameter": args.diameter}
+        options = settings.segment_options(args.tiling, args.tta, args.min_size, args.diameter, args.prob_thresh,
+                                           args.seed_thresh)
+        chosen = {"tiling": args.tiling, "tta": args.tta, "min_size": args.min_size, "diameter": args.diameter,
+                  "channel": args.channel, "prob_thresh": args.prob_thresh, "seed_thresh": args.seed_thresh}
         engine, metadata, model = build_engine(args, settings, options, chosen, need_image="overlay" in extras)
     except (InputError, ValueError, RuntimeError, OSError) as exc:
         print(f"nuclei-seg: error: {exc}", file=sys.stderr)
@@ -141,12 +146,13 @@ def build_engine(args: argparse.Namespace, settings: Settings, options: Any, cho
             raise ValueError("--dask-workers must be >= 1")
         metadata = SegmentationModel.without_network(settings.model_dir).spec.metadata  # checked before the cluster starts
         engine = OnDask(settings.model_dir, settings.runtime_options(), options, settings.max_pixels,
-                        args.scheduler, args.dask_workers or 1)
+                        args.scheduler, args.dask_workers or 1, args.channel)
         return engine, metadata, {"dir": str(settings.model_dir)}
     from service.bulk.engines import InProcess
 
     model = SegmentationModel.load(settings.model_dir, settings.runtime_options())
-    return InProcess(model, options, settings.max_pixels), model.spec.metadata, {"dir": str(settings.model_dir)}
+    engine = InProcess(model, options, settings.max_pixels, args.channel)
+    return engine, model.spec.metadata, {"dir": str(settings.model_dir)}
 
 
 def stop_on_signals(stop: threading.Event) -> Any:

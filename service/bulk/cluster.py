@@ -32,13 +32,15 @@ class ModelPlugin(WorkerPlugin):
 
     name = PLUGIN_NAME
 
-    def __init__(self, model_dir: Path, runtime: RuntimeOptions, options: SegmentOptions, max_pixels: int) -> None:
+    def __init__(self, model_dir: Path, runtime: RuntimeOptions, options: SegmentOptions, max_pixels: int,
+                 channel: int | None = None) -> None:
         self.model_dir, self.runtime, self.options, self.max_pixels = model_dir, runtime, options, max_pixels
+        self.channel = channel
         self.segmenter: LocalSegmenter | None = None
 
     def setup(self, worker: Any) -> None:
         model = SegmentationModel.load(self.model_dir, self.runtime)
-        self.segmenter = LocalSegmenter(model, self.options, self.max_pixels)
+        self.segmenter = LocalSegmenter(model, self.options, self.max_pixels, self.channel)
 
     def teardown(self, worker: Any) -> None:
         self.segmenter = None
@@ -57,7 +59,7 @@ class OnDask:
     """
 
     def __init__(self, model_dir: Path, runtime: RuntimeOptions, options: SegmentOptions, max_pixels: int,
-                 scheduler: str | None = None, workers: int = 1) -> None:
+                 scheduler: str | None = None, workers: int = 1, channel: int | None = None) -> None:
         self.cluster = None
         if scheduler is None:
             threads = runtime.threads or max(1, available_cpus() // workers)
@@ -66,7 +68,7 @@ class OnDask:
                                         dashboard_address=None, silence_logs=logging.ERROR)
         self.client = Client(scheduler or self.cluster)
         self.runtime = runtime
-        self.client.register_plugin(ModelPlugin(model_dir, runtime, options, max_pixels))
+        self.client.register_plugin(ModelPlugin(model_dir, runtime, options, max_pixels, channel))
 
     def run(self, jobs: list[Job], layout: Layout, stop: threading.Event) -> Iterator[Row]:
         """Rows as tasks finish, with at most two tasks per worker thread submitted ahead, so a

@@ -56,11 +56,12 @@ class Segmenter(Protocol):
 class LocalSegmenter:
     """Read, decode and segment with a model in this process: what ``POST /segment`` runs."""
 
-    def __init__(self, model: SegmentationModel, options: SegmentOptions, max_pixels: int) -> None:
-        self.model, self.options, self.max_pixels = model, options, max_pixels
+    def __init__(self, model: SegmentationModel, options: SegmentOptions, max_pixels: int,
+                 channel: int | None = None) -> None:
+        self.model, self.options, self.max_pixels, self.channel = model, options, max_pixels, channel
 
     def __call__(self, source: Path) -> Segmented:
-        image = decode_image(source.read_bytes(), max_pixels=self.max_pixels)
+        image = decode_image(source.read_bytes(), max_pixels=self.max_pixels, channel=self.channel)
         result = segment(image, self.model, self.options)
         return Segmented(result.labels, image, probability=nucleus_probability(result.labels, result.probabilities))
 
@@ -77,7 +78,8 @@ class ServerSegmenter:
     def __call__(self, source: Path) -> Segmented:
         document = self.client.segment(source, format="rle", **self.params)
         labels = labels_from_rle(document["nuclei"], (document["height"], document["width"]))
-        image = decode_image(source.read_bytes(), max_pixels=self.max_pixels) if self.need_image else None
+        image = (decode_image(source.read_bytes(), max_pixels=self.max_pixels, channel=self.params.get("channel"))
+                 if self.need_image else None)
         return Segmented(labels, image, document["nuclei"])
 
 
@@ -126,9 +128,10 @@ class InProcess:
     """One image after another with the model loaded here; each image is measured and written on
     a second thread while the next one is segmented, so the files cost little wall time."""
 
-    def __init__(self, model: SegmentationModel, options: SegmentOptions, max_pixels: int) -> None:
+    def __init__(self, model: SegmentationModel, options: SegmentOptions, max_pixels: int,
+                 channel: int | None = None) -> None:
         self.model = model
-        self.segmenter = LocalSegmenter(model, options, max_pixels)
+        self.segmenter = LocalSegmenter(model, options, max_pixels, channel)
 
     def run(self, jobs: list[Job], layout: Layout, stop: threading.Event) -> Iterator[Row]:
         with ThreadPoolExecutor(1, thread_name_prefix="nuclei-seg-write") as writer:

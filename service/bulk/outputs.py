@@ -4,7 +4,8 @@ Per image ``<key>`` under the output folder ``DIR``:
 
 - ``labels/<key>.tif``: instance labels (16-bit, zlib-compressed; 32-bit past 65,535 nuclei);
 - ``measurements/<key>.csv``: one row per nucleus, the fields of ``POST /segment?format=rle``;
-- with ``--save``: ``overlays/<key>.png``, ``geojson/<key>.geojson`` (QuPath), ``rle/<key>.csv``;
+- with ``--save``: ``overlays/<key>.png``, ``geojson/<key>.geojson`` (QuPath), ``rois/<key>.zip``
+  (ImageJ ROIs for Fiji's ROI Manager), ``rle/<key>.csv``;
 - ``.status/<key>.json``: the image's summary row, written *last*. A re-run skips an image only
   when this record exists for the same settings and every requested file is there, so a run
   killed at any point redoes at most the images that were in flight.
@@ -28,10 +29,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from service.encode import geojson_bytes, labels_tiff, measurements_csv, overlay_png, submission_csv
+from service.encode import geojson_bytes, imagej_roi_zip, labels_tiff, measurements_csv, overlay_png, submission_csv
 
-Extra = Literal["overlay", "geojson", "rle"]
-EXTRAS: tuple[Extra, ...] = ("overlay", "geojson", "rle")
+Extra = Literal["overlay", "geojson", "imagej-roi", "rle"]
+EXTRAS: tuple[Extra, ...] = ("overlay", "geojson", "imagej-roi", "rle")
 TEMP_PREFIX = ".nuclei-seg-tmp-"
 _UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it), then restored
 os.umask(_UMASK)
@@ -95,6 +96,7 @@ class Layout:
                  "measurements": self.root / "measurements" / f"{key}.csv",
                  "overlay": self.root / "overlays" / f"{key}.png",
                  "geojson": self.root / "geojson" / f"{key}.geojson",
+                 "imagej-roi": self.root / "rois" / f"{key}.zip",
                  "rle": self.root / "rle" / f"{key}.csv"}
         return {kind: path for kind, path in paths.items() if kind in ("labels", "measurements") or kind in self.extras}
 
@@ -108,6 +110,7 @@ class Layout:
             "measurements": lambda: measurements_csv(nuclei).encode(),
             "overlay": lambda: overlay_png(image, labels),
             "geojson": lambda: geojson_bytes(labels, nuclei),
+            "imagej-roi": lambda: imagej_roi_zip(labels),
             "rle": lambda: submission_csv([(Path(key).name, {"nuclei": nuclei})]).encode(),
         }
         for kind, path in self.files(key).items():
