@@ -28,11 +28,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service import __version__
 from service.config import Settings, get_settings
 from service.decode import DecodeError, TooLargeError, decode_image
-from service.encode import labels_png, mask_png, overlay_png, rle_document, submission_csv
+from service.docs import install_docs
+from service.schemas import BatchItem, ErrorDetail, Health, ModelInfo, Readiness, RleDocument
+from service.encode import (geojson_bytes, imagej_roi_zip, labels_png, mask_png, overlay_png, rle_document,
+                            submission_csv)
 from service.batching import MicroBatcher, Overloaded
 from service.metrics import Metrics
+from service.page import install_page
 from service.model import SegmentationModel
-from service.pipeline import DeadlineExceeded, SegmentOptions, SizeError, segment
+from service.pipeline import THRESHOLD_RANGE, DeadlineExceeded, SegmentOptions, SizeError, segment
 from service.size import DIAMETER_RANGE
 from service.postprocess import nucleus_probability
 from service.tiling import ImageShapeError
@@ -45,6 +49,8 @@ class MaskFormat(str, Enum):
     labels = "labels"
     rle = "rle"
     overlay = "overlay"
+    geojson = "geojson"
+    imagej_roi = "imagej-roi"
 
 
 class BatchFormat(str, Enum):
@@ -60,6 +66,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"description": "The model is not loaded yet, or the server is busy (retry after `Retry-After` seconds)."},
     504: {"description": "The request took longer than the configured time limit."},
 }
+for _response in ERROR_RESPONSES.values():  # every error body is {"detail": str}
+    _response["model"] = ErrorDetail
 PNG_RESPONSE = {"content": {"image/png": {}}, "description": "PNG image of the input's height and width."}
 RLE_EXAMPLE = {
     "height": 256, "width": 320, "count": 1,
@@ -106,6 +114,8 @@ def create_app(settings: Settings | None = None, model: SegmentationModel | None
             "DSB2018 run-length encodings with per-nucleus measurements."
         ),
         lifespan=lifespan,
+        docs_url=None,  # service.docs serves /docs and /redoc without CDNs
+        redoc_url=None,
     )
     app.state.settings = settings = settings or get_settings()
     app.state.model = model
@@ -118,6 +128,8 @@ def create_app(settings: Settings | None = None, model: SegmentationModel | None
     _install_metrics_middleware(app)
     _install_error_handlers(app)
     _install_routes(app)
+    install_page(app)
+    install_docs(app)
     return app
 
 
@@ -139,6 +151,14 @@ class BodyLimitMiddleware:
         files = self.settings.max_batch_files if path.endswith("/batch") else 1
         return files * self.settings.max_upload_bytes + self.OVERHEAD
 
+    def describe(self, path: str) -> str:
+        """The route's limit in words: bytes, MB and how it is made up."""
+        limit = self.limit(path)
+        files = self.settings.max_batch_files if path.endswith("/batch") else 1
+        images = f"{files} images of at most {{}} bytes each" if files > 1 else "one image of at most {} bytes"
+        return (f"the upload limit of {limit} bytes ({limit / 1e6:.1f} MB) for POST {path}: "
+                f"{images.format(self.settings.max_upload_bytes)} plus {self.OVERHEAD} bytes for the multipart framing")
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
@@ -147,7 +167,8 @@ class BodyLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             await JSONResponse(status_code=413, content={
-                "detail": f"request body of {int(declared)} bytes exceeds the upload limit"})(scope, receive, send)
+                "detail": f"request body of {int(declared)} bytes exceeds {self.describe(scope['path'])}"})(
+                scope, receive, send)
             return
         received = 0
 
@@ -156,7 +177,8 @@ class BodyLimitMiddleware:
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:
-                raise HTTPException(status_code=413, detail="request body exceeds the upload limit")
+                raise HTTPException(status_code=413, detail=(
+                    f"request body exceeds {self.describe(scope['path'])} (stopped reading at {received} bytes)"))
             return message
 
         await self.app(scope, counted_receive, send)
@@ -184,13 +206,30 @@ def _install_metrics_middleware(app: FastAPI) -> None:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        messages = [f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}" for e in exc.errors()]
+        messages = [validation_message(e) for e in exc.errors()]
         return JSONResponse(status_code=422, content={"detail": "; ".join(messages) or "invalid request"})
 
     @app.exception_handler(Exception)
     async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
         return JSONResponse(status_code=500, content={"detail": "internal error"})
+
+
+#: What to tell a client that left out a multipart field (e.g. sent ``files`` to /segment).
+MULTIPART_HINTS = {
+    "file": "send the image as multipart form field 'file'",
+    "files": "send the images as repeated multipart form fields 'files'",
+}
+
+
+def validation_message(error: dict[str, Any]) -> str:
+    """One validation error as ``field: message``; a missing body field names the field to send."""
+    loc = tuple(error.get("loc", ()))
+    message = f"{'.'.join(str(p) for p in loc if p != 'body')}: {error.get('msg')}"
+    if error.get("type") == "missing" and len(loc) == 2 and loc[0] == "body":
+        name = str(loc[1])
+        message += f" ({MULTIPART_HINTS.get(name, f'send multipart form field {name!r}')})"
+    return message
 
 
 def _queued(app: FastAPI) -> int:
@@ -238,11 +277,11 @@ async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
     return data
 
 
-def decode_or_raise(data: bytes, settings: Settings, name: str | None) -> np.ndarray:
+def decode_or_raise(data: bytes, settings: Settings, name: str | None, channel: int | None = None) -> np.ndarray:
     """Decode upload bytes, turning decoder errors into HTTP errors that name the file."""
     prefix = f"{name}: " if name else ""
     try:
-        return decode_image(data, max_pixels=settings.max_pixels)
+        return decode_image(data, max_pixels=settings.max_pixels, channel=channel)
     except TooLargeError as exc:
         raise HTTPException(status_code=413, detail=prefix + str(exc)) from None
     except DecodeError as exc:
@@ -250,9 +289,10 @@ def decode_or_raise(data: bytes, settings: Settings, name: str | None) -> np.nda
 
 
 def run_segmentation(data: bytes, name: str | None, model: SegmentationModel, settings: Settings,
-                     options: SegmentOptions, metrics: Metrics) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     options: SegmentOptions, metrics: Metrics,
+                     channel: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """decode -> segment, in a worker thread; returns (image, labels, each nucleus' mean P(nucleus))."""
-    image = decode_or_raise(data, settings, name)
+    image = decode_or_raise(data, settings, name, channel)
     with model.request():
         result = segment(image, model, options)
     metrics.images.inc()
@@ -261,7 +301,7 @@ def run_segmentation(data: bytes, name: str | None, model: SegmentationModel, se
 
 
 async def segment_upload(request: Request, data: bytes, name: str | None, model: SegmentationModel,
-                         options: SegmentOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         options: SegmentOptions, channel: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run :func:`run_segmentation` off the event loop within the request time limit.
 
     Overload (full model queue) is 503 with Retry-After; running out of time is 504, and the
@@ -272,7 +312,8 @@ async def segment_upload(request: Request, data: bytes, name: str | None, model:
     options = replace(options, deadline=time.monotonic() + timeout)
     try:
         return await asyncio.wait_for(
-            run_in_threadpool(run_segmentation, data, name, model, settings, options, request.app.state.metrics),
+            run_in_threadpool(run_segmentation, data, name, model, settings, options, request.app.state.metrics,
+                              channel),
             timeout)
     except Overloaded:
         raise HTTPException(status_code=503, detail="server busy: too much work queued, retry shortly",
@@ -291,6 +332,21 @@ DIAMETER_QUERY = Query(ge=DIAMETER_RANGE[0], le=DIAMETER_RANGE[1], description=(
     "nuclei, e.g. images from 60x-100x objectives."))
 
 
+#: The ``channel`` query parameter, shared by /segment and /segment/batch.
+CHANNEL_QUERY = Query(ge=0, le=1023, description=(
+    "The nuclear channel (0-based) of a multi-channel image (channels last, an ImageJ hyperstack, "
+    "OME-TIFF), or the page of a multi-page file; the chosen plane is segmented as gray. Required "
+    "for such images (without it they are refused with 422 naming what was found); gray, RGB and "
+    "RGBA images need none. Z-stacks and time series are refused: this is a 2D model."))
+PROB_THRESH_QUERY = Query(ge=THRESHOLD_RANGE[0], le=THRESHOLD_RANGE[1], description=(
+    "Foreground threshold: pixels whose P(nucleus) is above it belong to a nucleus (like StarDist's "
+    "prob_thresh). Lower finds dimmer nuclei and makes them larger. Default: the model's tuned value "
+    "(GET /model, postprocess.foreground_threshold, per modality in postprocess_by_modality)."))
+SEED_THRESH_QUERY = Query(ge=THRESHOLD_RANGE[0], le=THRESHOLD_RANGE[1], description=(
+    "Seed threshold: P(nucleus interior) above it starts a nucleus. Higher merges touching nuclei that "
+    "were split, lower splits clumps. Default: the model's tuned value (postprocess.seed_threshold)."))
+
+
 def image_id(filename: str | None, index: int) -> str:
     """DSB2018 ImageId: the file's base name without extension (never a path)."""
     base = PurePath((filename or "").replace("\\", "/")).name
@@ -298,12 +354,14 @@ def image_id(filename: str | None, index: int) -> str:
 
 
 def _install_routes(app: FastAPI) -> None:
-    @app.get("/healthz", tags=["health"], summary="Liveness: the process is up.")
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process is up.",
+             response_model=None, responses={200: {"model": Health}})
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"], summary="Readiness: 200 once the model is loaded and warmed, else 503.",
-             responses={503: ERROR_RESPONSES[503]})
+             responses={200: {"model": Readiness, "description": "Ready: `{\"ready\": true}`."},
+                        503: {"model": Readiness, "description": "Not ready yet: `{\"ready\": false}`."}})
     async def readyz(request: Request) -> JSONResponse:
         ready = bool(request.app.state.ready)
         return JSONResponse(status_code=200 if ready else 503, content={"ready": ready})
@@ -313,7 +371,8 @@ def _install_routes(app: FastAPI) -> None:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/model", tags=["model"], summary="The served model's metadata.json plus the service version.",
-             responses={503: ERROR_RESPONSES[503]})
+             response_model=None, responses={200: {"model": ModelInfo}, 401: ERROR_RESPONSES[401],
+                                             503: ERROR_RESPONSES[503]})
     async def model_info(model: ModelDep, _: AuthDep) -> dict[str, Any]:
         return {"service_version": __version__, **public_metadata(model.spec.metadata), "serving": model.serving()}
 
@@ -323,8 +382,10 @@ def _install_routes(app: FastAPI) -> None:
         summary="Segment the nuclei of one image.",
         response_class=Response,
         responses={
-            200: {"content": {"image/png": {}, "application/json": {"example": RLE_EXAMPLE}},
-                  "description": "png/labels/overlay: a PNG of the input's size; rle: JSON (example)."},
+            200: {"content": {"image/png": {}, "application/json": {"example": RLE_EXAMPLE},
+                              "application/geo+json": {}, "application/zip": {}}, "model": RleDocument,
+                  "description": "png/labels/overlay: a PNG of the input's size; rle: JSON (example); geojson: a "
+                                 "GeoJSON FeatureCollection of nucleus polygons; imagej-roi: a zip of ImageJ ROIs."},
             **ERROR_RESPONSES,
         },
     )
@@ -336,7 +397,9 @@ def _install_routes(app: FastAPI) -> None:
         file: Annotated[UploadFile, File(description="The image (PNG, JPEG, TIFF, BMP, GIF or WebP).")],
         format: Annotated[MaskFormat, Query(description=(
             "png: binary mask 0/255; labels: 16-bit instance labels 0..N; overlay: the image with "
-            "nuclei outlined; rle: JSON with DSB2018 run-length encodings and measurements."))] = MaskFormat.png,
+            "nuclei outlined; rle: JSON with DSB2018 run-length encodings and measurements; geojson: a "
+            "FeatureCollection of nucleus polygons (x, y pixels) with measurements, as QuPath imports "
+            "detections; imagej-roi: a zip of ImageJ polygon ROIs for Fiji's ROI Manager."))] = MaskFormat.png,
         tiling: Annotated[bool | None, Query(description=(
             "Native-resolution sliding-window tiles (true) or resize to the model input (false, the "
             "reference method). Default: the model's own mode."))] = None,
@@ -344,10 +407,13 @@ def _install_routes(app: FastAPI) -> None:
         min_size: Annotated[int | None, Query(ge=0, le=1_000_000, description=(
             "Drop nuclei smaller than this many pixels. Default: the model's tuned value."))] = None,
         diameter: Annotated[float | None, DIAMETER_QUERY] = None,
+        channel: Annotated[int | None, CHANNEL_QUERY] = None,
+        prob_thresh: Annotated[float | None, PROB_THRESH_QUERY] = None,
+        seed_thresh: Annotated[float | None, SEED_THRESH_QUERY] = None,
     ) -> Response:
         data = await read_upload(file, settings)
-        options = settings.segment_options(tiling, tta, min_size, diameter)
-        image, labels, probability = await segment_upload(request, data, file.filename, model, options)
+        options = settings.segment_options(tiling, tta, min_size, diameter, prob_thresh, seed_thresh)
+        image, labels, probability = await segment_upload(request, data, file.filename, model, options, channel)
         return await run_in_threadpool(encode_response, image, labels, format, probability)
 
     @app.post(
@@ -355,7 +421,7 @@ def _install_routes(app: FastAPI) -> None:
         tags=["segment"],
         summary="Segment several images: JSON list of RLE documents, or the DSB2018 submission CSV.",
         response_class=Response,
-        responses={200: {"content": {"application/json": {}, "text/csv": {}},
+        responses={200: {"content": {"application/json": {}, "text/csv": {}}, "model": list[BatchItem],
                          "description": "json: list of rle documents with `filename`; csv: ImageId,EncodedPixels."},
                    **ERROR_RESPONSES},
     )
@@ -370,6 +436,9 @@ def _install_routes(app: FastAPI) -> None:
         tta: Annotated[bool, Query(description="As for /segment.")] = False,
         min_size: Annotated[int | None, Query(ge=0, le=1_000_000, description="As for /segment.")] = None,
         diameter: Annotated[float | None, DIAMETER_QUERY] = None,
+        channel: Annotated[int | None, CHANNEL_QUERY] = None,
+        prob_thresh: Annotated[float | None, PROB_THRESH_QUERY] = None,
+        seed_thresh: Annotated[float | None, SEED_THRESH_QUERY] = None,
     ) -> Response:
         if len(files) > settings.max_batch_files:
             raise HTTPException(status_code=413, detail=f"{len(files)} files; at most {settings.max_batch_files} per batch")
@@ -377,7 +446,7 @@ def _install_routes(app: FastAPI) -> None:
         documents = []
         for index, upload in enumerate(files):  # one image in memory at a time
             data = await read_upload(upload, settings)
-            image, labels, probability = await segment_upload(request, data, upload.filename, model, options)
+            image, labels, probability = await segment_upload(request, data, upload.filename, model, options, channel)
             document = await run_in_threadpool(rle_document, labels, image, probability)
             documents.append((image_id(upload.filename, index), {"filename": upload.filename, **document}))
         if format is BatchFormat.csv:
@@ -411,6 +480,12 @@ def encode_response(image: np.ndarray, labels: np.ndarray, fmt: MaskFormat,
     """Encode labels in the requested format (``probability``: each nucleus' mean P(nucleus), for rle)."""
     if fmt is MaskFormat.rle:
         return JSONResponse(rle_document(labels, image, probability))
+    if fmt is MaskFormat.geojson:
+        nuclei = rle_document(labels, image, probability)["nuclei"]
+        return Response(content=geojson_bytes(labels, nuclei), media_type="application/geo+json")
+    if fmt is MaskFormat.imagej_roi:
+        return Response(content=imagej_roi_zip(labels), media_type="application/zip",
+                        headers={"Content-Disposition": 'attachment; filename="nuclei-rois.zip"'})
     if fmt is MaskFormat.labels:
         try:
             body = labels_png(labels)
