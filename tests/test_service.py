@@ -177,9 +177,10 @@ def test_missing_field_and_too_many_batch_files(client, sample_image):
 def test_openapi_documents_every_parameter(client):
     schema = client("GET", "/openapi.json").json()
     op = schema["paths"]["/segment"]["post"]
-    assert {p["name"] for p in op["parameters"]} == {"format", "tiling", "tta", "min_size", "diameter"}
+    assert {p["name"] for p in op["parameters"]} == {"format", "tiling", "tta", "min_size", "diameter", "channel",
+                                                    "prob_thresh", "seed_thresh"}
     batch = schema["paths"]["/segment/batch"]["post"]
-    assert "diameter" in {p["name"] for p in batch["parameters"]}
+    assert {"diameter", "channel", "prob_thresh", "seed_thresh"} <= {p["name"] for p in batch["parameters"]}
     assert all(p.get("description") for p in op["parameters"])
     assert {"200", "413", "415", "422", "503"} <= set(op["responses"])
     assert client("GET", "/docs").status_code == 200
