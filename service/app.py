@@ -442,7 +442,7 @@ def _install_routes(app: FastAPI) -> None:
     ) -> Response:
         if len(files) > settings.max_batch_files:
             raise HTTPException(status_code=413, detail=f"{len(files)} files; at most {settings.max_batch_files} per batch")
-        options = settings.segment_options(tiling, tta, min_size, diameter)
+        options = settings.segment_options(tiling, tta, min_size, diameter, prob_thresh, seed_thresh)
         documents = []
         for index, upload in enumerate(files):  # one image in memory at a time
             data = await read_upload(upload, settings)

@@ -43,8 +43,9 @@ class TooLargeError(ValueError):
     """The image declares more pixels than allowed (HTTP 413)."""
 
 
-#: How much more than ``max_pixels`` a multi-channel TIFF may hold in all (it is read whole).
-MAX_PLANES = 16
+#: What a TIFF read whole (all its channels) may hold, per pixel of ``max_pixels``: 8 bytes (a float64
+#: gray image, or RGB(A) of 16 bits); a plane chosen from a multi-page file is read alone.
+MAX_BYTES_PER_PIXEL = 8
 
 
 def decode_image(data: bytes, max_pixels: int = 50_000_000, channel: int | None = None) -> np.ndarray:
@@ -100,7 +101,7 @@ def _decode_pil(data: bytes, max_pixels: int, channel: int | None) -> np.ndarray
             if image.format not in PIL_FORMATS:
                 raise DecodeError(f"unsupported image format {image.format}", unsupported_type=True)
             _check_pixels(image.height, image.width, max_pixels)
-            frames = getattr(image, "n_frames", 1)
+            frames = 1 if image.format == "MPO" else getattr(image, "n_frames", 1)  # MPO: a phone's JPEG and its previews
             if frames > 1:
                 image.seek(_choose(frames, "pages (frames)", "IYX", channel))
                 channel = None  # the page was the choice; its pixels are read as they are
@@ -151,7 +152,7 @@ def _decode_tiff(data: bytes, max_pixels: int, channel: int | None) -> np.ndarra
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             if not tif.pages:
                 raise DecodeError("TIFF has no pages")
-            series = tif.series
+            series = _images(tif.series)
             if len(series) > 1:  # separate images in one file (pages of different shapes)
                 chosen = series[_choose(len(series), "images (TIFF series)", "IYX", channel)]
                 channel = None
@@ -160,15 +161,38 @@ def _decode_tiff(data: bytes, max_pixels: int, channel: int | None) -> np.ndarra
             axes, shape = _plane_axes(chosen.axes, tuple(int(n) for n in chosen.shape))
             height, width = shape[axes.index("Y")], shape[axes.index("X")]
             _check_pixels(height, width, max_pixels)
-            if int(np.prod(shape)) > MAX_PLANES * max_pixels:
-                raise TooLargeError(f"TIFF holds {int(np.prod(shape))} values ({axes} {shape}), over "
-                                    f"{MAX_PLANES} planes of the {max_pixels}-pixel limit")
+            others = [a for a in axes if a not in "YX"]
+            if len(others) == 1 and others[0] != "S" and len(chosen.pages) == shape[axes.index(others[0])] > 1:
+                # one plane per page (hyperstacks, OME-TIFF, multi-page): read the chosen page only
+                what = "channels" if others[0] == "C" else "pages"
+                page = chosen.pages[_choose(len(chosen.pages), what, axes, channel)]
+                return np.asarray(page.asarray()).reshape(height, width)
+            itemsize = np.dtype(chosen.dtype).itemsize
+            if int(np.prod(shape)) * itemsize > MAX_BYTES_PER_PIXEL * max_pixels:
+                raise TooLargeError(f"TIFF holds {int(np.prod(shape)) * itemsize} bytes of pixels ({axes} {shape}, "
+                                    f"{chosen.dtype}), over {MAX_BYTES_PER_PIXEL} bytes per pixel of the "
+                                    f"{max_pixels}-pixel limit")
             array = np.asarray(chosen.asarray()).reshape(shape)
     except (DecodeError, TooLargeError):
         raise
     except Exception as exc:  # tifffile raises many types on corrupt data
         raise DecodeError(f"corrupt or unsupported TIFF: {exc}") from None
     return _tiff_plane(array, axes, channel)
+
+
+def _images(series: list) -> list:
+    """A TIFF's images, less its previews: reduced-resolution pages, and series a quarter or less of
+    the largest one's pixels (a scanner's thumbnail or label image beside the scan)."""
+    full = [s for s in series if not getattr(s.keyframe, "is_reduced", False)] or list(series)
+
+    def pixels(s) -> int:
+        shape = dict(zip(s.axes, s.shape))
+        return int(shape.get("Y", 1)) * int(shape.get("X", 1))
+
+    largest = max(pixels(s) for s in full)
+    if len(full) > 1 and sum(pixels(s) * 4 > largest for s in full) == 1:
+        return [max(full, key=pixels)]
+    return full
 
 
 def _plane_axes(axes: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:

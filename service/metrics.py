@@ -8,6 +8,7 @@ value in per-process files there, and ``/metrics`` sums the files of all workers
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 
@@ -46,6 +47,7 @@ class Metrics:
         """This app's registry, or with several workers the sum over all workers' files."""
         if not MULTIPROCESS:
             return generate_latest(self.registry)
+        forget_dead_workers()
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry)
@@ -54,3 +56,23 @@ class Metrics:
         """At worker shutdown: drop this process's live gauges (queue depth) from the sums."""
         if MULTIPROCESS:
             multiprocess.mark_process_dead(os.getpid())
+
+
+def forget_dead_workers(directory: str | None = None) -> None:
+    """Drop the live gauges of workers that died without a shutdown (killed, out of memory), whose
+    queue depth would otherwise stay in every sum; their counters stay counted, as they should."""
+    directory = directory or os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    for path in Path(directory).glob("gauge_live*_*.db") if directory else ():
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid), directory)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True

@@ -118,8 +118,11 @@ def test_inputs_that_name_nothing_are_an_error(tmp_path: Path):
 def test_output_folder_inside_the_input_folder_is_not_read_back(images: Path):
     out = images / "results"
     write_images(out / "overlays", 2)
-    keys = {job.key for job in find_jobs([str(images)], exclude=out)}
+    keys = {job.key for job in find_jobs([str(images)], exclude=Layout(out).output_folders())}
     assert not any(key.startswith("results") for key in keys)
+    # and --out above the inputs keeps them: only the run's own folders are left out
+    keys = {job.key for job in find_jobs([str(images / "plateA")], exclude=Layout(images).output_folders())}
+    assert "cells00" in keys
 
 
 def test_unknown_save_output_is_an_error():
@@ -170,13 +173,22 @@ def test_status_record_counts_only_for_the_same_settings_and_complete_files(tmp_
     labels = np.zeros((8, 8), np.int32)
     labels[2:5, 2:5] = 1
     nuclei = rle_document(labels)["nuclei"]
+    source, other = tmp_path / "x.png", tmp_path / "elsewhere" / "x.png"
+    source.write_bytes(b"image bytes")
+    other.parent.mkdir()
+    other.write_bytes(b"other image")
     layout.write("p/x", labels, nuclei, np.zeros((8, 8, 3), np.uint8))
-    layout.record(Row.ok("p/x", Path("x.png"), nuclei, 0.1))
-    assert layout.done("p/x").count == 1
-    assert Layout(tmp_path, ("overlay",), "other").done("p/x") is None  # another model or options
-    assert Layout(tmp_path, ("overlay", "geojson"), "abc").done("p/x") is None  # a file asked for is missing
+    layout.record(Row.ok("p/x", source, nuclei, 0.1), source)
+    assert layout.done("p/x", source).count == 1
+    assert Layout(tmp_path, ("overlay",), "other").done("p/x", source) is None  # another model or options
+    assert Layout(tmp_path, ("overlay", "geojson"), "abc").done("p/x", source) is None  # a file asked for is missing
+    assert layout.done("p/x", other) is None  # another image with the same name
+    source.write_bytes(b"image bytes, replaced")
+    assert layout.done("p/x", source) is None  # the image changed since
+    layout.record(Row.ok("p/x", source, nuclei, 0.1), source)
+    assert layout.done("p/x", source) is not None
     (tmp_path / "overlays" / "p" / "x.png").unlink()
-    assert layout.done("p/x") is None
+    assert layout.done("p/x", source) is None
 
 
 def test_a_second_run_on_the_same_folder_is_refused(tmp_path: Path):
@@ -384,3 +396,30 @@ def test_dask_local_cluster_gives_the_in_process_labels(images: Path, tmp_path: 
     for path in (local_out / "geojson").rglob("*.geojson"):
         assert path.read_bytes() == (dask_out / path.relative_to(local_out)).read_bytes()
     assert read_summary(local_out)[0]["count"] == read_summary(dask_out)[0]["count"]
+
+
+def test_dask_workers_use_their_own_settings_and_say_why_a_model_did_not_load(tmp_path, monkeypatch):
+    from service.bulk.cluster import ModelPlugin, worker_settings
+    from service.runtime import RuntimeOptions
+
+    client_side = RuntimeOptions("openvino", "auto", 0, 1)
+    assert worker_settings(Path("/client/model"), client_side) == (Path("/client/model"), client_side)
+    monkeypatch.setenv("NUCLEI_MODEL_DIR", "/app/models/default")
+    monkeypatch.setenv("NUCLEI_THREADS", "4")
+    model_dir, runtime = worker_settings(Path("/client/model"), client_side)
+    assert model_dir == Path("/app/models/default") and runtime.threads == 4 and runtime.precision == "auto"
+    monkeypatch.delenv("NUCLEI_MODEL_DIR")
+    plugin = ModelPlugin(tmp_path / "no-model", client_side, Settings().segment_options(), 1000)
+    plugin.setup(None)
+    assert plugin.segmenter is None and "no-model" in plugin.error
+
+
+def test_fingerprint_changes_with_precision_and_tiling(tmp_path):
+    from service.bulk.cli import build_parser, outputs_depend_on
+
+    args = build_parser().parse_args(["segment", str(tmp_path), "--out", str(tmp_path / "o")])
+    base = Settings()
+    prints = {fingerprint({}, outputs_depend_on(args, settings, {}, {}))
+              for settings in (base, base.model_copy(update={"precision": "f32"}),
+                               base.model_copy(update={"max_tile_size": 256}))}
+    assert len(prints) == 3

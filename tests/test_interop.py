@@ -183,3 +183,45 @@ def test_python_client_takes_arrays_and_returns_python_objects(nuclei):
         two = np.stack([np.zeros_like(dapi), dapi], -1).astype(np.uint16) * 257  # 16-bit, 2 channels: sent as TIFF
         assert client.segment(two, channel=1)["count"] == document["count"]
         assert client.segment(dapi, format="overlay").shape == (*dapi.shape, 3)
+
+
+def test_phone_jpeg_with_previews_and_tiff_with_thumbnail_read_their_main_image(nuclei):
+    from PIL import Image
+
+    dapi, _ = nuclei
+    mpo = io.BytesIO()
+    Image.fromarray(dapi).convert("RGB").save(mpo, format="MPO", save_all=True,
+                                             append_images=[Image.fromarray(255 - dapi).convert("RGB")])
+    assert abs(decode_image(mpo.getvalue())[..., 0].astype(int) - dapi).mean() < 15  # the first picture (JPEG noise), not the inverted second
+    scan = io.BytesIO()
+    with tifffile.TiffWriter(scan) as writer:
+        writer.write(dapi)
+        writer.write(dapi[::8, ::8])  # a preview page, not marked reduced
+    assert np.array_equal(decode_image(scan.getvalue())[..., 0], dapi)
+
+
+def test_a_multi_channel_tiff_reads_only_the_chosen_plane(nuclei):
+    import tracemalloc
+
+    dapi, _ = nuclei
+    planes = np.zeros((16, 1000, 1000), np.float64)  # 128 MB of pixels, 140 kB compressed
+    data = tiff(planes, photometric="minisblack", metadata={"axes": "CYX"}, compression="zlib")
+    tracemalloc.start()
+    decode_image(data, channel=3)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 60e6, peak  # one 8-MB plane and its 8-bit copies, not all 16
+    with pytest.raises(Exception, match="bytes per pixel"):  # a whole-file read is capped in bytes
+        decode_image(tiff(np.zeros((500, 500, 6), np.float64), photometric="minisblack", planarconfig="contig"),
+                     channel=0, max_pixels=300_000)  # 250,000 pixels x 48 bytes > 8 x 300,000
+
+
+def test_batch_takes_the_thresholds_too(client, nuclei):
+    dapi, _ = nuclei
+
+    def area(threshold: float) -> int:
+        response = client("POST", "/segment/batch", params={"prob_thresh": threshold},
+                          files=[("files", ("a.png", png(dapi), "image/png"))])
+        return sum(n["area"] for n in response.json()[0]["nuclei"])
+
+    assert area(0.2) > area(0.9)

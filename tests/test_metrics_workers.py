@@ -106,3 +106,18 @@ def test_one_worker_needs_no_metrics_dir(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv(MULTIPROC_ENV.lower(), raising=False)
     assert prepare_metrics_dir(1) is None
     assert MULTIPROC_ENV not in os.environ
+
+
+def test_a_dead_workers_queue_depth_leaves_the_sum(tmp_path):
+    from service.metrics import forget_dead_workers
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"gauge_livesum_{dead.pid}.db"
+    stale.write_bytes(b"")
+    counter = tmp_path / f"counter_{dead.pid}.db"
+    counter.write_bytes(b"")
+    mine = tmp_path / f"gauge_livesum_{os.getpid()}.db"
+    mine.write_bytes(b"")
+    forget_dead_workers(str(tmp_path))
+    assert not stale.exists() and counter.exists() and mine.exists()

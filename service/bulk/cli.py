@@ -80,9 +80,11 @@ def segment_command(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # a local cluster's start and stop chatter
+    args.out = args.out.resolve()  # Dask workers resolve paths in their own working directories
     try:
         settings, extras = settings_from(args), parse_extras(args.save)
-        jobs = find_jobs(args.inputs, exclude=args.out)
+        jobs = find_jobs(args.inputs, exclude=Layout(args.out).output_folders())
         options = settings.segment_options(args.tiling, args.tta, args.min_size, args.diameter, args.prob_thresh,
                                            args.seed_thresh)
         chosen = {"tiling": args.tiling, "tta": args.tta, "min_size": args.min_size, "diameter": args.diameter,
@@ -91,7 +93,7 @@ def segment_command(args: argparse.Namespace) -> int:
     except (InputError, ValueError, RuntimeError, OSError) as exc:
         print(f"nuclei-seg: error: {exc}", file=sys.stderr)
         return 2
-    layout = Layout(args.out, extras, fingerprint(metadata, chosen))
+    layout = Layout(args.out, extras, fingerprint(metadata, outputs_depend_on(args, settings, chosen, metadata)))
     description = {"inputs": args.inputs, "out": str(args.out), "model": model, "options": chosen,
                    "save": list(extras)}
     stop = threading.Event()
@@ -112,11 +114,23 @@ def segment_command(args: argparse.Namespace) -> int:
     return outcome.exit_status
 
 
+def outputs_depend_on(args: argparse.Namespace, settings: Settings, chosen: dict[str, Any],
+                      metadata: dict[str, Any]) -> dict[str, Any]:
+    """Everything besides the model that the outputs depend on, for the fingerprint: the options,
+    the runtime and precision (the server's own with ``--server``), and the tiling."""
+    if args.server:
+        serving = metadata.get("serving") or {}
+        return {**chosen, "runtime": serving.get("runtime"), "precision": serving.get("precision")}
+    return {**chosen, "runtime": settings.runtime, "precision": settings.precision,
+            "max_tile_size": settings.max_tile_size, "tile_batch_size": settings.tile_batch_size}
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """The ``NUCLEI_*`` settings with this command's flags over them (one list of knobs)."""
     update = {k: v for k, v in {"model_dir": args.model_dir, "runtime": args.runtime, "precision": args.precision,
                                 "threads": args.threads}.items() if v is not None}
-    return Settings().model_copy(update=update) if update else Settings()
+    settings = Settings().model_copy(update=update) if update else Settings()
+    return settings.model_copy(update={"model_dir": settings.model_dir.resolve()})
 
 
 def build_engine(args: argparse.Namespace, settings: Settings, options: Any, chosen: dict[str, Any],

@@ -10,7 +10,10 @@ Set-ups for SLURM (dask-jobqueue) and Kubernetes (dask-kubernetes) are in ``docs
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,12 @@ PLUGIN_NAME = "nuclei-seg-model"
 
 
 class ModelPlugin(WorkerPlugin):
-    """Loads the model on a worker once, for all the tasks it will run."""
+    """Loads the model on a worker once, for all the tasks it will run.
+
+    The client's model folder and runtime settings travel with the plugin; a worker whose own
+    environment sets ``NUCLEI_MODEL_DIR``, ``NUCLEI_RUNTIME``, ``NUCLEI_PRECISION`` or
+    ``NUCLEI_THREADS`` (a container image, a SLURM job script) uses its own instead.
+    """
 
     name = PLUGIN_NAME
 
@@ -37,18 +45,51 @@ class ModelPlugin(WorkerPlugin):
         self.model_dir, self.runtime, self.options, self.max_pixels = model_dir, runtime, options, max_pixels
         self.channel = channel
         self.segmenter: LocalSegmenter | None = None
+        self.error = ""
 
     def setup(self, worker: Any) -> None:
-        model = SegmentationModel.load(self.model_dir, self.runtime)
+        model_dir, runtime = worker_settings(self.model_dir, self.runtime)
+        try:
+            model = SegmentationModel.load(model_dir, runtime)
+        except Exception as exc:  # every task then fails with this reason, not a TypeError
+            self.error = f"{type(exc).__name__}: {exc}"
+            return
         self.segmenter = LocalSegmenter(model, self.options, self.max_pixels, self.channel)
 
     def teardown(self, worker: Any) -> None:
         self.segmenter = None
 
 
+def worker_settings(model_dir: Path, runtime: RuntimeOptions) -> tuple[Path, RuntimeOptions]:
+    """The client's model folder and runtime, with what this worker's environment sets in their place."""
+    env = os.environ
+    model_dir = Path(env["NUCLEI_MODEL_DIR"]) if env.get("NUCLEI_MODEL_DIR") else model_dir
+    return model_dir, RuntimeOptions(env.get("NUCLEI_RUNTIME") or runtime.runtime,
+                                     env.get("NUCLEI_PRECISION") or runtime.precision,
+                                     int(env["NUCLEI_THREADS"]) if env.get("NUCLEI_THREADS") else runtime.threads,
+                                     1)
+
+
+class Slots:
+    """Two tasks per worker thread of the cluster, asked of the scheduler at most once a second
+    (workers of a SLURM or Kubernetes cluster join while the run goes on)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client, self.checked, self.value = client, 0.0, 2
+
+    def __call__(self) -> int:
+        if time.monotonic() - self.checked > 1.0:
+            self.value = 2 * max(1, sum(self.client.nthreads().values()))
+            self.checked = time.monotonic()
+        return self.value
+
+
 def process_on_worker(job: Job, layout: Layout) -> Row:
     """The task: :func:`process` with the worker's own model."""
-    return process(job, get_worker().plugins[PLUGIN_NAME].segmenter, layout)
+    plugin = get_worker().plugins[PLUGIN_NAME]
+    if plugin.segmenter is None:
+        raise RuntimeError(f"the model could not be loaded on worker {get_worker().address}: {plugin.error}")
+    return process(job, plugin.segmenter, layout)
 
 
 class OnDask:
@@ -64,38 +105,47 @@ class OnDask:
         if scheduler is None:
             threads = runtime.threads or max(1, available_cpus() // workers)
             runtime = RuntimeOptions(runtime.runtime, runtime.precision, threads, 1)
-            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                        dashboard_address=None, silence_logs=logging.ERROR)
+            # Ctrl-C reaches the whole process group: the workers must ignore it, so that the images
+            # in flight finish (the client decides when to stop); they inherit the ignored signal.
+            main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+            try:
+                self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                            dashboard_address=None, silence_logs=logging.ERROR)
+            finally:
+                if main:
+                    signal.signal(signal.SIGINT, previous)
         self.client = Client(scheduler or self.cluster)
         self.runtime = runtime
         self.client.register_plugin(ModelPlugin(model_dir, runtime, options, max_pixels, channel))
 
     def run(self, jobs: list[Job], layout: Layout, stop: threading.Event) -> Iterator[Row]:
-        """Rows as tasks finish, with at most two tasks per worker thread submitted ahead, so a
-        stop leaves only those to finish."""
-        limit = 2 * max(1, sum(self.client.nthreads().values()))
+        """Rows as tasks finish, with at most two tasks per worker thread submitted ahead (counted
+        again as workers join or leave), so a stop leaves only those to finish."""
         queue = iter(jobs)
         futures = as_completed()
-        job_of = {}
-        for job in queue:
-            future = self.client.submit(process_on_worker, job, layout, pure=False)
-            job_of[future.key] = job
-            futures.add(future)
-            if len(job_of) >= limit:
-                break
+        job_of: dict[str, Job] = {}
+        limit = Slots(self.client)
+
+        def top_up() -> None:
+            while not stop.is_set() and len(job_of) < limit():
+                job = next(queue, None)
+                if job is None:
+                    return
+                future = self.client.submit(process_on_worker, job, layout, pure=False)
+                job_of[future.key] = job
+                futures.add(future)
+
+        top_up()
         for future in futures:
             job = job_of.pop(future.key)
             try:
                 yield future.result()
-            except Exception as exc:  # the worker died (KilledWorker) or the task could not run
+            except Exception as exc:  # the worker died (KilledWorker), or it has no model
                 row = Row.failed(job.key, job.source, f"{type(exc).__name__}: {exc}", 0.0)
-                layout.record(row)
+                layout.record(row, job.source)
                 yield row
-            next_job = None if stop.is_set() else next(queue, None)
-            if next_job is not None:
-                future = self.client.submit(process_on_worker, next_job, layout, pure=False)
-                job_of[future.key] = next_job
-                futures.add(future)
+            top_up()
 
     def describe(self) -> dict[str, Any]:
         info = self.client.scheduler_info()

@@ -101,16 +101,25 @@ def attempt(job: Job, segmenter: Segmenter) -> Segmented | Exception:
 
 
 def finish(job: Job, result: Segmented | Exception, layout: Layout, start: float) -> Row:
-    """Measure and write a segmented image's files, then its status record (the mark of done)."""
-    if not isinstance(result, Exception):
-        try:
+    """Measure and write a segmented image's files, then its status record (the mark of done).
+
+    Never raises for the image: a failure to measure or write (disk full, permissions, memory)
+    becomes its row, so one image cannot end the run or lose the rows of those beside it.
+    """
+    try:
+        layout.forget(job.key)
+        if not isinstance(result, Exception):
             layout.write(job.key, result.labels, result.records(), result.image)
             row = Row.ok(job.key, job.source, result.records(), time.perf_counter() - start)
-        except OSError as exc:  # disk full, permissions: this image fails, the run goes on
-            result = exc
+    except Exception as exc:
+        log.warning("%s: outputs not written: %s", job.source, exc)
+        result = exc
     if isinstance(result, Exception):
         row = Row.failed(job.key, job.source, f"{type(result).__name__}: {result}", time.perf_counter() - start)
-    layout.record(row)
+    try:
+        layout.record(row, job.source)
+    except OSError as exc:  # the row still reaches summary.csv; a re-run redoes the image
+        log.warning("%s: status record not written: %s", job.source, exc)
     return row
 
 
@@ -162,9 +171,14 @@ class OnServer:
         self.segmenter = ServerSegmenter(client, params, need_image, max_pixels)
 
     def run(self, jobs: list[Job], layout: Layout, stop: threading.Event) -> Iterator[Row]:
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="nuclei-seg-post") as pool:
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="nuclei-seg-post")
+        finished = False
+        try:
             yield from bounded(jobs, lambda job: pool.submit(process, job, self.segmenter, layout),
                                2 * self.concurrency, stop)
+            finished = True
+        finally:  # stopped at once (a second Ctrl-C): drop what is queued, leave the posts in flight
+            pool.shutdown(wait=finished, cancel_futures=not finished)
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "server", "url": self.client.url, "concurrency": self.concurrency}

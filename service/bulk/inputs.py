@@ -31,14 +31,15 @@ class Job:
     key: str  # POSIX-style relative name, may contain "/"
 
 
-def find_jobs(inputs: list[str], exclude: Path | None = None) -> list[Job]:
-    """The images named by ``inputs``, each once, with unique keys; files under ``exclude`` (the
-    output folder, when it lies inside an input folder) are left out."""
+def find_jobs(inputs: list[str], exclude: list[Path] = ()) -> list[Job]:
+    """The images named by ``inputs``, each once, with unique keys; files under the folders of
+    ``exclude`` (a run's own output folders, when they lie inside an input folder) are left out."""
     found: dict[Path, PurePosixPath] = {}
+    excluded = [folder.resolve() for folder in exclude]
     for argument in inputs:
         for path, relative in _expand(argument):
             resolved = path.resolve()
-            if exclude is not None and resolved.is_relative_to(exclude.resolve()):
+            if any(resolved.is_relative_to(folder) for folder in excluded):
                 continue
             found.setdefault(resolved, relative)
     if not found:

@@ -40,18 +40,38 @@ SUMMARY_COLUMNS = ("image", "input", "status", "count", "area_mean", "area_media
                    "seconds", "error")
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+def atomic_write(path: Path, data: bytes, sync_folder: bool = False) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    The data reach the disk before the rename (fsync), so after a power cut or a node crash a final
+    name holds the whole file or the previous one, never an empty one; ``sync_folder`` also makes
+    the rename itself durable (for the status record, which vouches for the other files).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
     try:
         os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are for the lab to read
         with os.fdopen(handle, "wb") as file:
             file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+    if sync_folder:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def source_identity(source: Path) -> dict[str, Any]:
+    """What identifies an input file: where it is, its size and modification time. A record for
+    another file with the same key, or for this file before it was replaced, does not match."""
+    stat = source.stat()
+    return {"path": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 @dataclass
@@ -116,18 +136,32 @@ class Layout:
         for kind, path in self.files(key).items():
             atomic_write(path, encoders[kind]())
 
-    def record(self, row: Row) -> None:
-        """Write the image's status record: the last write, the one that marks it done."""
-        atomic_write(self.status_path(row.image), json.dumps({"fingerprint": self.fingerprint, **asdict(row)}).encode())
+    def forget(self, key: str) -> None:
+        """Remove the image's status record before its files are rewritten: a record must never
+        vouch for files that are half this run's and half an earlier one's."""
+        self.status_path(key).unlink(missing_ok=True)
 
-    def done(self, key: str) -> Row | None:
-        """The image's row if it is finished with these settings and has every file asked for, else None."""
+    def record(self, row: Row, source: Path) -> None:
+        """Write the image's status record: the last write, the one that marks it done."""
+        try:
+            identity = source_identity(source)
+        except OSError:
+            identity = None  # the input is gone or unreadable: a record that never matches
+        record = {"fingerprint": self.fingerprint, "source": identity, **asdict(row)}
+        atomic_write(self.status_path(row.image), json.dumps(record).encode(), sync_folder=True)
+
+    def done(self, key: str, source: Path) -> Row | None:
+        """The image's row if this very input is finished with these settings and has every file
+        asked for, else None."""
         try:
             record = json.loads(self.status_path(key).read_text())
+            identity = source_identity(source)
         except (OSError, ValueError):
             return None
         if record.pop("fingerprint", None) != self.fingerprint or record.get("status") != "ok":
             return None  # other settings, or it failed: do it again
+        if record.pop("source", None) != identity:
+            return None  # another file with the same name, or this one changed since
         if not all(path.is_file() for path in self.files(key).values()):
             return None
         return Row(**{k: record[k] for k in SUMMARY_COLUMNS if k in record})
@@ -142,6 +176,10 @@ class Layout:
 
     def write_run(self, run: dict[str, Any]) -> None:
         atomic_write(self.root / "run.json", (json.dumps(run, indent=2, default=str) + "\n").encode())
+
+    def output_folders(self) -> list[Path]:
+        """The folders a run writes, which an input search must not read back."""
+        return [self.root / name for name in ("labels", "measurements", "overlays", "geojson", "rois", "rle", ".status")]
 
     def remove_stale_temporaries(self) -> int:
         """Delete temporary files a killed run left behind (never a final name); returns how many."""

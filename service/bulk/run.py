@@ -76,7 +76,7 @@ def run_jobs(jobs: list[Job], layout: Layout, engine: Engine, stop: threading.Ev
         rows: dict[str, Row] = {}
         todo = []
         for job in jobs:
-            row = None if overwrite else layout.done(job.key)
+            row = None if overwrite else layout.done(job.key, job.source)
             if row is None:
                 todo.append(job)
             else:
