@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from distributed import Client, LocalCluster, WorkerPlugin, as_completed, get_worker
+from distributed import Client, LocalCluster, WorkerPlugin, get_worker, wait
 
-from service.bulk.engines import LocalSegmenter, process
+from service.bulk.engines import LocalSegmenter, bounded, process
 from service.bulk.inputs import Job
 from service.bulk.outputs import Layout, Row
 from service.model import SegmentationModel
@@ -122,30 +122,9 @@ class OnDask:
     def run(self, jobs: list[Job], layout: Layout, stop: threading.Event) -> Iterator[Row]:
         """Rows as tasks finish, with at most two tasks per worker thread submitted ahead (counted
         again as workers join or leave), so a stop leaves only those to finish."""
-        queue = iter(jobs)
-        futures = as_completed()
-        job_of: dict[str, Job] = {}
-        limit = Slots(self.client)
-
-        def top_up() -> None:
-            while not stop.is_set() and len(job_of) < limit():
-                job = next(queue, None)
-                if job is None:
-                    return
-                future = self.client.submit(process_on_worker, job, layout, pure=False)
-                job_of[future.key] = job
-                futures.add(future)
-
-        top_up()
-        for future in futures:
-            job = job_of.pop(future.key)
-            try:
-                yield future.result()
-            except Exception as exc:  # the worker died (KilledWorker), or it has no model
-                row = Row.failed(job.key, job.source, f"{type(exc).__name__}: {exc}", 0.0)
-                layout.record(row, job.source)
-                yield row
-            top_up()
+        yield from bounded(jobs, lambda job: self.client.submit(process_on_worker, job, layout, pure=False),
+                           Slots(self.client), stop, layout,
+                           lambda futures: wait(futures, return_when="FIRST_COMPLETED").done)
 
     def describe(self) -> dict[str, Any]:
         info = self.client.scheduler_info()

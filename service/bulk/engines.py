@@ -175,7 +175,7 @@ class OnServer:
         finished = False
         try:
             yield from bounded(jobs, lambda job: pool.submit(process, job, self.segmenter, layout),
-                               2 * self.concurrency, stop)
+                               lambda: 2 * self.concurrency, stop, layout, first_done)
             finished = True
         finally:  # stopped at once (a second Ctrl-C): drop what is queued, leave the posts in flight
             pool.shutdown(wait=finished, cancel_futures=not finished)
@@ -187,20 +187,36 @@ class OnServer:
         self.client.close()
 
 
-def bounded(jobs: Iterable[Job], submit: Callable[[Job], Future], limit: int,
-            stop: threading.Event) -> Iterator[Row]:
-    """Rows of ``submit(job)`` futures as they finish, with at most ``limit`` submitted and not
-    finished, so that a stop leaves only those few to finish (not thousands queued)."""
-    pending: set[Future] = set()
+def bounded(jobs: Iterable[Job], submit: Callable[[Job], Any], limit: Callable[[], int], stop: threading.Event,
+            layout: Layout, first_done: Callable[[list[Any]], Iterable[Any]]) -> Iterator[Row]:
+    """Rows of ``submit(job)`` futures as they finish, with at most ``limit()`` submitted and not
+    finished, so that a stop leaves only those few to finish (not thousands queued).
+
+    ``first_done(futures)`` blocks until at least one has finished and returns those that have:
+    ``concurrent.futures.wait`` or ``distributed.wait``, so a thread pool and a Dask cluster share
+    this one loop. A task that could not run at all (a Dask worker died, or has no model) becomes
+    its image's failed row.
+    """
+    pending: dict[Any, Job] = {}
     queue = iter(jobs)
     while True:
-        while len(pending) < limit and not stop.is_set():
+        while not stop.is_set() and len(pending) < limit():
             job = next(queue, None)
             if job is None:
                 break
-            pending.add(submit(job))
+            pending[submit(job)] = job
         if not pending:
             return
-        finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-        for future in finished:
-            yield future.result()
+        for future in first_done(list(pending)):
+            job = pending.pop(future)
+            try:
+                yield future.result()
+            except Exception as exc:
+                row = Row.failed(job.key, job.source, f"{type(exc).__name__}: {exc}", 0.0)
+                layout.record(row, job.source)
+                yield row
+
+
+def first_done(futures: list[Future]) -> set[Future]:
+    """The thread-pool futures of ``futures`` that have finished, waiting for one at least."""
+    return wait(futures, return_when=FIRST_COMPLETED).done
