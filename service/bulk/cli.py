@@ -85,10 +85,10 @@ def segment_command(args: argparse.Namespace) -> int:
     try:
         settings, extras = settings_from(args), parse_extras(args.save)
         jobs = find_jobs(args.inputs, exclude=Layout(args.out).output_folders())
-        options = settings.segment_options(args.tiling, args.tta, args.min_size, args.diameter, args.prob_thresh,
-                                           args.seed_thresh)
+        # the query parameters of POST /segment: --server sends them, the other engines take them as options
         chosen = {"tiling": args.tiling, "tta": args.tta, "min_size": args.min_size, "diameter": args.diameter,
                   "channel": args.channel, "prob_thresh": args.prob_thresh, "seed_thresh": args.seed_thresh}
+        options = settings.segment_options(**{k: v for k, v in chosen.items() if k != "channel"})
         engine, metadata, model = build_engine(args, settings, options, chosen, need_image="overlay" in extras)
     except (InputError, ValueError, RuntimeError, OSError) as exc:
         print(f"nuclei-seg: error: {exc}", file=sys.stderr)
