@@ -161,11 +161,10 @@ def _decode_tiff(data: bytes, max_pixels: int, channel: int | None) -> np.ndarra
             axes, shape = _plane_axes(chosen.axes, tuple(int(n) for n in chosen.shape))
             height, width = shape[axes.index("Y")], shape[axes.index("X")]
             _check_pixels(height, width, max_pixels)
-            others = [a for a in axes if a not in "YX"]
-            if len(others) == 1 and others[0] != "S" and len(chosen.pages) == shape[axes.index(others[0])] > 1:
+            other = next((a for a in axes if a not in "YX"), None)
+            if other not in (None, "S") and len(chosen.pages) == shape[axes.index(other)] > 1:
                 # one plane per page (hyperstacks, OME-TIFF, multi-page): read the chosen page only
-                what = "channels" if others[0] == "C" else "pages"
-                page = chosen.pages[_choose(len(chosen.pages), what, axes, channel)]
+                page = chosen.pages[_choose(len(chosen.pages), _planes(other), axes, channel)]
                 return np.asarray(page.asarray()).reshape(height, width)
             itemsize = np.dtype(chosen.dtype).itemsize
             if int(np.prod(shape)) * itemsize > MAX_BYTES_PER_PIXEL * max_pixels:
@@ -196,8 +195,8 @@ def _images(series: list) -> list:
 
 
 def _plane_axes(axes: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
-    """The series' axes without its length-1 ones; a z-stack or time series is refused here,
-    before any pixel is read."""
+    """The series' axes without its length-1 ones; a z-stack, a time series or a layout with more
+    than one axis besides Y and X is refused here, before any pixel is read."""
     if "Y" not in axes or "X" not in axes:
         raise DecodeError(f"unsupported TIFF layout {axes} {shape}; expected a 2D image (Y and X axes)")
     kept = [(a, n) for a, n in zip(axes, shape) if n > 1 or a in "YX"]
@@ -208,24 +207,27 @@ def _plane_axes(axes: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]
     if sizes.get("T", 1) > 1:
         raise DecodeError(f"a time series of {sizes['T']} frames ({axes} {shape}); this is a 2D model: "
                           "send one frame at a time")
+    if len(kept) > 3:
+        raise DecodeError(f"unsupported TIFF layout {axes} {shape}; expected one channel or page axis")
     return "".join(a for a, _ in kept), tuple(n for _, n in kept)
 
 
+def _planes(axis: str) -> str:
+    """What the planes along a TIFF axis are called in messages."""
+    return "channels" if axis in "CS" else "pages"
+
+
 def _tiff_plane(array: np.ndarray, axes: str, channel: int | None) -> np.ndarray:
-    """The 2D image of a squeezed TIFF series: samples of RGB(A) kept, any other axis chosen by
-    ``channel``."""
-    others = [a for a in axes if a not in "YX"]
-    if len(others) > 1:
-        raise DecodeError(f"unsupported TIFF layout {axes} {array.shape}; expected one channel or page axis")
+    """The 2D image of a squeezed TIFF series (at most one axis besides Y and X): samples of
+    RGB(A) kept, any other axis chosen by ``channel``."""
+    other = next((a for a in axes if a not in "YX"), None)
     array = np.moveaxis(array, [axes.index("Y"), axes.index("X")], [0, 1])
-    if not others:
+    if other is None:
         return _one_plane(array, channel)
-    (axis,) = others
     count = array.shape[-1]
-    if axis == "S" and count in (3, 4) and channel is None:
+    if other == "S" and count in (3, 4) and channel is None:
         return array  # RGB or RGBA samples
-    what = "channels" if axis in "CS" else "pages"
-    return array[..., _choose(count, what, axes, channel)]
+    return array[..., _choose(count, _planes(other), axes, channel)]
 
 
 def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
