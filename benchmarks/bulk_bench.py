@@ -125,8 +125,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bulk-bench-"))
     try:
         paths = sample_inputs(args.images, work / "in")
-        megapixels = sum(decode_image(p.read_bytes()).shape[0] * decode_image(p.read_bytes()).shape[1]
-                         for p in paths) / 1e6
+        megapixels = sum(np.prod(decode_image(p.read_bytes()).shape[:2]) for p in paths) / 1e6
         settings = Settings()
         model = SegmentationModel.load(settings.model_dir, settings.runtime_options())
         model.warm()
