@@ -43,7 +43,7 @@ from service.config import Settings
 from service.decode import decode_image
 from service.model import SegmentationModel
 from service.pipeline import segment
-from service.runtime import RuntimeOptions, available_cpus
+from service.runtime import available_cpus
 
 
 def sample_inputs(count: int, folder: Path, seed: int = 0) -> list[Path]:
