@@ -557,3 +557,24 @@ def test_train_fraction_is_a_share_of_the_training_split():
     assert "training_ids" not in split_record(whole, ["a", "b"], ["c"])  # the rest of the data is the training split
     assert split_record(share, ["a"], ["c"]) == {"seed": 42, "val_fraction": share.val_fraction,
                                                  "validation_ids": ["c"], "training_ids": ["a"]}
+
+
+def test_ema_momentum_exports_the_moving_average_of_the_trained_weights():
+    """With --ema-momentum the weights left after fit are m * w1 + (1 - m) * w2 of the two steps' raw weights
+    (Keras seeds the average with the first step's), not the last step's."""
+    from training.train import compile_model
+
+    config = tiny_config("best").override(ema_momentum=0.5, lr_schedule="constant", learning_rate=0.1)
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(3, 1)(inputs))
+    compile_model(model, config)
+    raw: list[np.ndarray] = []
+    record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs=None: raw.append(model.layers[1].kernel.numpy()))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(2, 8, 8, 3)).astype(np.float32), rng.integers(0, 3, (2, 8, 8))
+    model.fit(x, y, batch_size=1, epochs=1, callbacks=[record], verbose=0, shuffle=False)
+    assert len(raw) == 2 and not np.allclose(raw[0], raw[1])
+    np.testing.assert_allclose(model.layers[1].kernel.numpy(), 0.5 * raw[0] + 0.5 * raw[1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="ema_momentum"):
+        config.override(ema_momentum=1.0)
+    assert parse_args(["--data", "d", "--out", "o", "--preset", "best", "--ema-momentum", "0.999"])[0].ema_momentum == 0.999

@@ -58,6 +58,8 @@ class TrainConfig:
     learning_rate: float = 1e-3
     # the preset's 1e-3: 3e-4 scored 0.605 / AP@0.5 0.815 and 2e-3 0.604 / 0.817 vs 0.607 / 0.817 (docs/training.md)
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 5% over the whole run
+    ema_momentum: float = 0.0  # >0: the exported weights are an exponential moving average of the trained ones
+    #   (Polyak averaging, Keras' use_ema), momentum per step; 0: the last step's weights
     boundary_weight: float = 1.0  # loss weight of boundary pixels (3-class target)
     contact_weight: float = 1.0  # weight factor where two nuclei touch (their rims and the gap between);
     # 5.0 scored 0.582 vs 0.592 at 1.0 (previous pix2pix-decoder recipe, docs/training.md), so the preset keeps 1.0
@@ -117,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"copy_paste must be in [0, 1], got {self.copy_paste}")
         if self.copy_paste and (self.inference != "tile" or self.rays):  # crops only; pasted labels would repeat ids
             raise ValueError("copy_paste needs tile mode (inference='tile') and no rays")
+        if not 0.0 <= self.ema_momentum < 1.0:  # 1 would never move off the initial weights
+            raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
         if self.dice_weight < 0:  # a negative weight would reward the network for missing nuclei
             raise ValueError(f"dice_weight must be 0 or more, got {self.dice_weight}")
         # the counts that the CLI's non_negative type guards: -1 would silently build no layer (range(-1) is
