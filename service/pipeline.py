@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 
@@ -95,7 +96,7 @@ def segment(image: np.ndarray, model: SegmentationModel, options: SegmentOptions
     def look(scale: float) -> View:
         work = image if scale == 1.0 else resize(image, scaled_size(image, scale))
         probs = probabilities_of(work, model, options)
-        return View(scale, probs, instances_from_probabilities(probs, scaled_params(sizing, scale)))
+        return View(scale, probs, partial(instances_from_probabilities, params=scaled_params(sizing, scale)))
 
     if options.diameter is not None:
         view = look(scale_for_diameter(options.diameter, spec.canonical_diameter, image.shape))

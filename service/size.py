@@ -20,7 +20,7 @@ rescales each upload the same way before the tiles: size -> rescale -> tiles -> 
   ``SCALE_TOLERANCE`` of it; the other views' numbers are not used again.
 
 This module decides; it runs nothing itself. The caller's ``look(scale)`` computes the
-probabilities and labels at one scale (``service.pipeline``), so tiling, batching and deadlines
+probabilities at one scale and how to decode them (``service.pipeline``), so tiling, batching and deadlines
 stay where they are.
 """
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -55,12 +56,19 @@ class View:
     """The model's output for an image computed at one scale, kept at that scale.
 
     Only the view finally kept is brought back to the image's own size (``service.pipeline``), so
-    a look that only sizes the nuclei costs no resize and no decoding at full size.
+    a look that only sizes the nuclei costs no resize and no decoding at full size; a view's own
+    labels are decoded only when its nuclei are measured, so the final rescaled pass is decoded
+    once, at the image's size, never at its working size too.
     """
 
     scale: float  # factor the image was resized by before the model
     probabilities: np.ndarray  # (h, w, C) at the working size (the image resized by ``scale``)
-    labels: np.ndarray  # (h, w) int32 instances decoded there, for sizing
+    decoder: Callable[[np.ndarray], np.ndarray]  # probabilities -> (h, w) int32 instances, for sizing
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """Instances decoded at the working size (computed once, when first asked for)."""
+        return self.decoder(self.probabilities)
 
     def diameter(self) -> float | None:
         """Median nucleus diameter in pixels of the image itself (``None`` when no nucleus was found)."""
@@ -68,8 +76,9 @@ class View:
         return None if diameter is None else diameter / self.scale
 
     def coverage(self) -> float:
-        """Share of the image's pixels inside nuclei (comparable between views of different scales)."""
-        return float(np.count_nonzero(self.labels)) / max(1, self.labels.size)
+        """Share of the image's pixels the model calls nucleus (P > 0.5): comparable between views of
+        different scales, and read off the probabilities, so it needs no decoding."""
+        return float(np.count_nonzero(self.probabilities[..., 0] < 0.5)) / max(1, self.probabilities[..., 0].size)
 
 
 Look = Callable[[float], View]

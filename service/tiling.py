@@ -91,10 +91,12 @@ def predict_tiled(image: np.ndarray, predict: PredictFn, max_tile: int, overlap:
             f"image of {width}x{height} would need {ph * pw} pixels once padded to the network's "
             f"{multiple}-pixel grid (limit {MAX_PADDED_PIXELS}); crop or split it")
     padded = _pad_reflect(image, ph, pw)
+    positions = [(t, l) for t in tile_starts(ph, tile_h, overlap) for l in tile_starts(pw, tile_w, overlap)]
+    if len(positions) == 1:  # one tile covers the image: nothing to blend (the window would divide out)
+        return predict(padded[None])[0][:height, :width]
     window = np.outer(blend_ramp(tile_h, overlap), blend_ramp(tile_w, overlap))
     total = np.zeros((ph, pw, num_classes), dtype=np.float32)
     weight = np.zeros((ph, pw), dtype=np.float32)
-    positions = [(t, l) for t in tile_starts(ph, tile_h, overlap) for l in tile_starts(pw, tile_w, overlap)]
     batch_size = max(1, batch_pixels // (tile_h * tile_w))
     for start in range(0, len(positions), batch_size):
         chunk = positions[start:start + batch_size]

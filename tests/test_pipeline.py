@@ -116,7 +116,7 @@ def test_the_estimate_looks_at_most_twice_before_the_chosen_pass():
         def look(scale: float) -> View:
             asked.append(scale)
             labels = disk_labels_at(int(round(diameter * scale)))  # as the model sees them at this scale
-            return View(scale, np.zeros((*labels.shape, 3), np.float32), labels)
+            return View(scale, np.zeros((*labels.shape, 3), np.float32), lambda _: labels)
 
         view = estimated_view(look, CANONICAL, (400, 400))
         assert asked == pytest.approx(expected, rel=0.03) and view.scale == pytest.approx(final, rel=0.03)
@@ -150,7 +150,7 @@ def test_the_size_estimate_moves_continuously_where_the_native_pass_fragments():
             # past 1.2x canonical the pieces shrink with every pixel, to canonical ones from 1.4x
             drawn = seen if seen <= 1.2 * CANONICAL else max(CANONICAL, 2.4 * CANONICAL - seen)
             labels = disc_grid(drawn, round(400 * scale))
-            return View(scale, np.zeros((*labels.shape, 3), np.float32), labels)
+            return View(scale, np.zeros((*labels.shape, 3), np.float32), lambda _: labels)
         return look
 
     diameters = np.arange(20.0, 44.0, 1.0)
@@ -158,3 +158,23 @@ def test_the_size_estimate_moves_continuously_where_the_native_pass_fragments():
     steps = [max(a, b) / min(a, b) for a, b in zip(scales, scales[1:])]
     assert max(steps) < 1.2, list(zip(diameters, scales))
     assert scales[0] == pytest.approx(1.0, rel=0.05) and scales[-1] == pytest.approx(CANONICAL / 43, rel=0.05)
+
+
+def test_the_chosen_rescaled_pass_is_not_decoded_at_its_working_size():
+    """Small nuclei: the look and the native pass are decoded to size them; the upscaled pass that is kept
+    is only decoded later, at the image's own size (``segment``), so ``estimated_view`` never decodes it."""
+    decoded: list[float] = []
+
+    def look(scale: float) -> View:
+        labels = disk_labels_at(int(round(10 * scale)))
+
+        def decode(_: np.ndarray) -> np.ndarray:
+            decoded.append(scale)
+            return labels
+
+        return View(scale, np.zeros((*labels.shape, 3), np.float32), decode)
+
+    view = estimated_view(look, CANONICAL, (400, 400))
+    assert view.scale == pytest.approx(2.0, rel=0.03) and decoded == [0.5, 1.0]
+    assert view.coverage() == 1.0  # read off the probabilities (P(background) 0 everywhere), no decoding
+    assert decoded == [0.5, 1.0]
