@@ -107,7 +107,7 @@ def estimated_view(look: Look, canonical: float, shape: tuple[int, ...]) -> View
     Usually two passes: for small and canonical nuclei the half-scale look and the native pass
     (plus an upscaled pass when they are small); for large nuclei the coarse looks (the quarter
     scale costs a quarter of the half) plus one pass; in the band between, the native pass too.
-    A rescaled pass that loses most of the nucleus pixels of the view nearest its scale means the
+    A rescaled pass with under half the foreground (P(nucleus) > 0.5) of the view nearest its scale means the
     estimate was wrong: that view is kept.
     """
     proposed, views = estimated_scale(look, canonical, shape)
