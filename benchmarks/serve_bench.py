@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
 
     images, source = real_images(16)
     payloads = [png_bytes(im) for im in images]
-    lines = [f"# Serving performance\n",
+    lines = ["# Serving performance\n",
              f"Command: `python -m benchmarks.serve_bench {' '.join(argv or sys.argv[1:])}` "
              f"on {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}. Model `{args.model_dir.name}`. "
              f"Inputs: {source}.\n"]

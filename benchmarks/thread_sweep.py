@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         result = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append((intra, inter, result["1"], result["8"]))
     best = min(rows, key=lambda r: r[3])
-    lines = [f"# TensorFlow thread settings\n",
+    lines = ["# TensorFlow thread settings\n",
              f"Command: `python -m benchmarks.thread_sweep` on {os.cpu_count()} CPUs, "
              f"{time.strftime('%Y-%m-%d %H:%M')}, model `{args.model_dir.name}`. Median of 7 calls; 0 = TensorFlow's choice.\n",
              "| intra-op | inter-op | ms per tile, batch 1 | ms per tile, batch 8 |", "|---|---|---|---|"]

@@ -13,7 +13,6 @@ from PIL import Image
 from service.app import create_app
 from service.config import Settings
 from service.encode import rle_decode
-from service.model import SegmentationModel
 from tests.client import make_client, png, upload
 from tests.synthetic import random_labels, render
 

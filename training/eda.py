@@ -27,7 +27,7 @@ def summary(dataset: NucleiDataset) -> str:
     modalities = Counter(modality(s.image) for s in dataset.samples)
     lines = [
         f"images: {len(dataset)}, nuclei: {counts.sum()}",
-        f"sizes (WxH, most common): " + ", ".join(f"{k} ({v})" for k, v in sizes.most_common(6)),
+        "sizes (WxH, most common): " + ", ".join(f"{k} ({v})" for k, v in sizes.most_common(6)),
         f"nuclei per image: min {counts.min()}, median {np.median(counts):.0f}, max {counts.max()}",
         f"median nucleus diameter per image (px): min {diameters.min():.1f}, "
         f"median {np.median(diameters):.1f}, max {diameters.max():.1f}",

@@ -27,7 +27,7 @@ from service.pipeline import SegmentOptions, segment
 from service.postprocess import RAY_GRID, PostprocessParams
 from training.config import TrainConfig
 from training.data import list_sample_dirs, load_sample
-from training.evaluate import markdown_table, summary_row
+from training.evaluate import markdown_table
 from training.figures import image_grid, outline_overlay
 from training.split import MODALITIES, modality
 from training.targets import SMALL_FRACTION
