@@ -578,3 +578,16 @@ def test_ema_momentum_exports_the_moving_average_of_the_trained_weights():
     with pytest.raises(ValueError, match="ema_momentum"):
         config.override(ema_momentum=1.0)
     assert parse_args(["--data", "d", "--out", "o", "--preset", "best", "--ema-momentum", "0.999"])[0].ema_momentum == 0.999
+
+
+def test_fine_tuning_does_not_average_the_weights_unless_asked(tmp_path: Path):
+    """A start model trained with --ema-momentum 0.999 must not pass it on to a fine-tuning run of a few hundred
+    steps (its average would stay near the start weights); the flag still sets one."""
+    start = tmp_path / "start"
+    start.mkdir()
+    recorded = preset("best").override(ema_momentum=0.999).to_dict()
+    (start / "metadata.json").write_text(json.dumps({"training_config": recorded}))
+    config, _ = parse_args(["--init", str(start), "--data", "d", "--out", "o"])
+    assert config.ema_momentum == 0.0 and config.decoder_filters == preset("best").decoder_filters
+    config, _ = parse_args(["--init", str(start), "--data", "d", "--out", "o", "--ema-momentum", "0.99"])
+    assert config.ema_momentum == 0.99

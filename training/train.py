@@ -358,7 +358,8 @@ def base_config(name: str | None, init: Path | None) -> TrainConfig:
 
     A fine-tuned network must have the architecture of the one it starts from, so ``--init``
     takes that model's recorded configuration; ImageNet weights are not loaded (they would be
-    overwritten at once).
+    overwritten at once), and the weights are not averaged (a fine-tuning run is a few hundred steps:
+    an average over the last thousand would stay near the start model; ``--ema-momentum`` sets one).
     """
     if init is None:
         return preset(name or "reference")
@@ -370,7 +371,7 @@ def base_config(name: str | None, init: Path | None) -> TrainConfig:
     recorded = json.loads(path.read_text()).get("training_config")
     if not recorded:
         raise ValueError(f"--init {init}: its metadata records no training_config")
-    return replace(TrainConfig.from_dict(recorded), encoder_weights="none")
+    return replace(TrainConfig.from_dict(recorded), encoder_weights="none", ema_momentum=0.0)
 
 
 def main(argv: list[str] | None = None) -> None:
