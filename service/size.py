@@ -78,7 +78,8 @@ class View:
     def coverage(self) -> float:
         """Share of the image's pixels the model calls nucleus (P > 0.5): comparable between views of
         different scales, and read off the probabilities, so it needs no decoding."""
-        return float(np.count_nonzero(self.probabilities[..., 0] < 0.5)) / max(1, self.probabilities[..., 0].size)
+        background = self.probabilities[..., 0]
+        return float(np.count_nonzero(background < 0.5)) / max(1, background.size)
 
 
 Look = Callable[[float], View]
