@@ -27,8 +27,7 @@ stay where they are.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -64,11 +63,18 @@ class View:
     scale: float  # factor the image was resized by before the model
     probabilities: np.ndarray  # (h, w, C) at the working size (the image resized by ``scale``)
     decoder: Callable[[np.ndarray], np.ndarray]  # probabilities -> (h, w) int32 instances, for sizing
+    _labels: np.ndarray | None = field(default=None, init=False, repr=False)
 
-    @cached_property
+    @property
     def labels(self) -> np.ndarray:
-        """Instances decoded at the working size (computed once, when first asked for)."""
-        return self.decoder(self.probabilities)
+        """Instances decoded at the working size (computed once, when first asked for).
+
+        Not ``functools.cached_property``: on Python 3.11 it holds one lock for every instance
+        of the class, so concurrent requests' decodings would wait on one another.
+        """
+        if self._labels is None:
+            self._labels = self.decoder(self.probabilities)
+        return self._labels
 
     def diameter(self) -> float | None:
         """Median nucleus diameter in pixels of the image itself (``None`` when no nucleus was found)."""

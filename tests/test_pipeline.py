@@ -178,3 +178,33 @@ def test_the_chosen_rescaled_pass_is_not_decoded_at_its_working_size():
     assert view.scale == pytest.approx(2.0, rel=0.03) and decoded == [0.5, 1.0]
     assert view.coverage() == 1.0  # read off the probabilities (P(background) 0 everywhere), no decoding
     assert decoded == [0.5, 1.0]
+
+
+def test_views_of_concurrent_requests_decode_side_by_side():
+    """Each view decodes its labels once, and no view waits for another's: a lock shared by all views
+    (``functools.cached_property`` on Python 3.11) would serialise the requests of a busy server."""
+    import threading
+
+    barrier = threading.Barrier(2, timeout=5)
+    calls: list[int] = []
+
+    def decode(_: np.ndarray) -> np.ndarray:
+        calls.append(1)
+        barrier.wait()  # both decodings must be in progress at once
+        return np.ones((4, 4), np.int32)
+
+    views = [View(1.0, np.zeros((4, 4, 3), np.float32), decode) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def read(view: View) -> None:
+        try:
+            assert view.labels is view.labels
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read, args=(v,)) for v in views]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(calls) == 2

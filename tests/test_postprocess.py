@@ -99,3 +99,28 @@ def test_nucleus_probability_is_each_nucleus_mean_foreground_probability():
     probs = np.stack([background, 1.0 - background, np.zeros_like(background)], axis=-1)
     np.testing.assert_allclose(nucleus_probability(labels, probs), [0.8, 0.4], atol=1e-6)
     assert nucleus_probability(np.zeros((6, 8), np.int32), probs).shape == (0,)
+
+
+def test_holes_are_filled_only_where_one_nucleus_encloses_them():
+    """A hole inside one nucleus joins it; a gap enclosed by touching nuclei, or open to the image's
+    edge, stays background (as per-nucleus ``binary_fill_holes`` had it)."""
+    from service.postprocess import fill_holes
+
+    labels = np.zeros((40, 60), np.int32)
+    ring = disc(labels.shape, (12, 12), 8) & ~disc(labels.shape, (12, 12), 3)
+    labels[ring] = 1  # one hole of 29 px inside nucleus 1
+    labels[20:31, 30:45] = 2  # nuclei 2 and 3 together enclose a gap, each alone does not
+    labels[20:31, 45:56] = 3
+    labels[23:28, 40:50] = 0  # the gap straddles their common border
+    labels[22:29, 39] = 2
+    labels[22, 39:51], labels[28, 39:51] = 2, 2
+    labels[22:29, 50], labels[22, 45:51], labels[28, 45:51] = 3, 3, 3
+    labels[0:6, 50:60] = 4
+    labels[0:3, 54:56] = 0  # a notch open to the top edge: not a hole
+    filled = fill_holes(labels)
+    assert (filled[disc(labels.shape, (12, 12), 3)] == 1).all()
+    assert (filled[23:28, 40:50] == 0).all()
+    assert (filled[0:3, 54:56] == 0).all()
+    changed = filled != labels
+    assert changed.sum() == disc(labels.shape, (12, 12), 3).sum()  # nothing else moved
+    assert filled.dtype == labels.dtype and fill_holes(np.zeros((5, 5), np.int32)).max() == 0
