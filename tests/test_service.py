@@ -203,11 +203,14 @@ def test_metrics_reflect_traffic_within_one_app(loaded_model, tile_model_dir, sa
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
                 await c.post("/segment", files={"file": ("a.png", png(sample_image), "image/png")})
                 await c.post("/segment", files={"file": ("a.png", b"junk", "image/png")})
+                await c.get("/no-such-page")
                 return (await c.get("/metrics")).text
 
     text = anyio.run(run)
     assert 'nuclei_requests_total{route="/segment",status="200"} 1.0' in text
     assert 'nuclei_requests_total{route="/segment",status="415"} 1.0' in text
+    assert 'nuclei_requests_total{route="unmatched",status="404"} 1.0' in text
+    assert 'nuclei_request_seconds_count{route="/segment"} 2.0' in text
     assert "nuclei_images_total 1.0" in text
 
 
