@@ -464,7 +464,7 @@ def test_mixed_precision_model_is_served_as_a_float32_twin():
 
 def test_cli_overrides_the_preset_precision():
     config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best"])
-    assert config.precision == "mixed_bfloat16" and config.stain
+    assert config.precision == "auto" and config.stain  # bf16 only where this machine computes it natively
     config, _ = parse_args(["--data", "d", "--out", "o", "--preset", "best", "--precision", "float32"])
     assert config.precision == "float32"
 
@@ -499,7 +499,11 @@ def test_cli_reports_a_missing_data_folder_and_leaves_no_run_folder(tmp_path: Pa
 def test_best_preset_is_the_shipped_models_recipe():
     """``--preset best`` must reproduce ``models/default``: a new option's default may not change the recipe."""
     shipped = json.loads((Path(__file__).resolve().parent.parent / "models" / "default" / "metadata.json").read_text())
-    assert TrainConfig.from_dict(shipped["training_config"]) == preset("best")
+    recorded = TrainConfig.from_dict(shipped["training_config"])
+    from training.model import resolved_precision
+
+    # the preset's precision is "auto"; the shipped fit ran on a CPU with AVX512_BF16, where it means bf16
+    assert recorded == preset("best").override(precision=resolved_precision("auto", bf16=True))
 
 
 def test_canonical_diameter_flag_sets_the_training_and_serving_size():
@@ -591,3 +595,39 @@ def test_fine_tuning_does_not_average_the_weights_unless_asked(tmp_path: Path):
     assert config.ema_momentum == 0.0 and config.decoder_filters == preset("best").decoder_filters
     config, _ = parse_args(["--init", str(start), "--data", "d", "--out", "o", "--ema-momentum", "0.99"])
     assert config.ema_momentum == 0.99
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """mixed_bfloat16 on a CPU without AVX512_BF16 / AMX is emulated (7.7x the float32 step on AVX2), so
+    ``auto`` (the best preset's, and every --init fine-tuning's) picks it only where the flags say so."""
+    import tensorflow as tf
+
+    from training import model as model_module
+    from training.model import native_bf16, resolved_precision
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])  # a CPU-only machine
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert not native_bf16(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert native_bf16(cpuinfo)
+    assert not native_bf16(tmp_path / "missing")  # macOS, or flags unreadable: float32
+    assert resolved_precision("auto", bf16=False) == "float32"
+    assert resolved_precision("auto", bf16=True) == "mixed_bfloat16"
+    assert resolved_precision("float32", bf16=True) == "float32"  # an explicit choice stands
+    assert resolved_precision("mixed_bfloat16", bf16=False) == "mixed_bfloat16"
+    monkeypatch.setattr(model_module, "native_bf16", lambda: False)
+    assert resolved_precision("auto") == "float32"
+    # a start model trained in bf16 elsewhere is fine-tuned in this machine's arithmetic
+    start = tmp_path / "start"
+    start.mkdir()
+    recorded = preset("best").override(precision="mixed_bfloat16").to_dict()
+    (start / "metadata.json").write_text(json.dumps({"training_config": recorded}))
+    assert parse_args(["--init", str(start), "--data", "d", "--out", "o"])[0].precision == "auto"
+
+
+def test_a_fit_records_the_precision_it_ran_not_auto(tile_model_dir: Path):
+    from training.model import resolved_precision
+
+    recorded = json.loads((tile_model_dir / "metadata.json").read_text())["training_config"]["precision"]
+    assert preset("best").precision == "auto" and recorded == resolved_precision("auto")

@@ -82,7 +82,10 @@ class TrainConfig:
     # 32 (with distance weight 1 and head 1, 20 epochs) scored 0.598 / AP@0.5 0.813 decoded by the watershed and
     # 0.402 / 0.762 by polygon NMS (docs/training.md), so the preset keeps 0
     ray_weight: float = 0.2  # loss weight of the rays' mean absolute error (px), weighted by the distance target
-    precision: Literal["float32", "mixed_bfloat16"] = "float32"  # training only; the export is float32
+    precision: Literal["auto", "float32", "mixed_bfloat16"] = "float32"  # training only; the export is float32.
+    #   auto: mixed_bfloat16 where the hardware computes bf16 natively (AVX512_BF16 / AMX CPUs, GPUs of compute
+    #   capability 8+), else float32: without it a bf16 step is emulated, 7.7x the float32 step on an AVX2 CPU
+    #   (docs/training.md, "Precision on CPUs without bf16"); the fit records what it ran
     # augmentation
     rotation: float = 0.1  # fraction of a full turn, as keras.layers.RandomRotation
     zoom: float = 0.1  # relative zoom range (log-uniform between 1/(1+z) and 1+z for z>0)
@@ -195,7 +198,7 @@ PRESETS: dict[str, TrainConfig] = {
         colour=True,
         stain=True,
         balance_modalities=True,
-        precision="mixed_bfloat16",
+        precision="auto",  # mixed_bfloat16 on CPUs with AVX512_BF16 (73-79 % of the float32 step), else float32
     ),
 }
 

@@ -178,6 +178,31 @@ def float32_copy(model: keras.Model, config: TrainConfig, fixed_size: bool | Non
     return twin
 
 
+def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether training here computes bfloat16 natively: a GPU of compute capability 8 or more, or a CPU with
+    AVX512_BF16 or AMX. Elsewhere (AVX2-only x86, Apple silicon's TensorFlow) bf16 is emulated, far slower
+    than float32; CPUs whose flags cannot be read count as without."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability") or (0, 0)
+        if tuple(capability) >= (8, 0):
+            return True
+    try:
+        flags = set(" ".join(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolved_precision(policy: str, bf16: bool | None = None) -> str:
+    """The Keras dtype policy ``policy`` means here: ``auto`` is mixed_bfloat16 where :func:`native_bf16`
+    (or ``bf16``, when given), else float32; the others as they are."""
+    if policy != "auto":
+        return policy
+    return "mixed_bfloat16" if (native_bf16() if bf16 is None else bf16) else "float32"
+
+
 @contextmanager
 def precision(policy: str) -> Iterator[None]:
     """Build layers under Keras dtype ``policy`` (e.g. ``config.precision``); the global policy is restored after.

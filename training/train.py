@@ -35,7 +35,8 @@ from training.config import PRESETS, TrainConfig, preset
 from training.data import DataError, NucleiDataset, Source, load_sources, parse_source, resize_image
 from training.export import build_metadata, export_model, load_serving_weights
 from training.losses import pixel_accuracy, segmentation_loss
-from training.model import build_unet, encoder_layer_names, float32_copy, fine_tune_start, precision
+from training.model import (build_unet, encoder_layer_names, float32_copy, fine_tune_start, precision,
+                            resolved_precision)
 from training.split import group_of, sampling_probabilities, split_by_source, subsample_ids
 from training.targets import CLASS_OF_CODE, make_target, scale_to_canonical
 
@@ -147,6 +148,10 @@ def train(config: TrainConfig, data: list[Path | str | Source], run_dir: Path, e
     """
     keras.utils.set_random_seed(config.seed)
     started = time.time()
+    if config.precision == "auto":  # the metadata records the precision that ran, not "auto"
+        config = replace(config, precision=resolved_precision("auto"))
+        print(f"precision: auto -> {config.precision}"
+              + ("" if config.precision != "float32" else " (no native bf16 here: no AVX512_BF16 / AMX / recent GPU)"))
     dataset = load_sources(list(data) if isinstance(data, (list, tuple)) else [data])
     run_dir.mkdir(parents=True, exist_ok=True)  # after the data loads: a bad --data leaves nothing behind
     groups = {s.id: group_of(s.source, s.image) for s in dataset.samples}
@@ -360,6 +365,8 @@ def base_config(name: str | None, init: Path | None) -> TrainConfig:
     takes that model's recorded configuration; ImageNet weights are not loaded (they would be
     overwritten at once), and the weights are not averaged (a fine-tuning run is a few hundred steps:
     an average over the last thousand would stay near the start model; ``--ema-momentum`` sets one).
+    The arithmetic is this machine's (``auto``), not the start model's: bf16 recorded on a CPU that
+    has it would be emulated, 7.7x slower, on one that has not.
     """
     if init is None:
         return preset(name or "reference")
@@ -371,7 +378,7 @@ def base_config(name: str | None, init: Path | None) -> TrainConfig:
     recorded = json.loads(path.read_text()).get("training_config")
     if not recorded:
         raise ValueError(f"--init {init}: its metadata records no training_config")
-    return replace(TrainConfig.from_dict(recorded), encoder_weights="none", ema_momentum=0.0)
+    return replace(TrainConfig.from_dict(recorded), encoder_weights="none", ema_momentum=0.0, precision="auto")
 
 
 def main(argv: list[str] | None = None) -> None:
