@@ -147,6 +147,28 @@ def replay_batched(model, calls: list[list[tuple[int, ...]]], batch: int) -> flo
     return total / len(calls)
 
 
+def replay_streams(model, calls: list[list[tuple[int, ...]]], batch: int) -> float:  # noqa: ANN001
+    """:func:`replay_batched` over the network's shared streams: as many threads as streams, each taking
+    the next batch of ``batch`` tiles (the model alone as the busy server runs it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    by_shape: dict[tuple[int, ...], int] = {}
+    for shapes in calls:
+        for shape in shapes:
+            by_shape[shape[1:]] = by_shape.get(shape[1:], 0) + shape[0]
+    rng = np.random.default_rng(0)
+    total = 0.0
+    with ThreadPoolExecutor(model.streams) as pool:
+        for shape, count in by_shape.items():
+            full = rng.integers(0, 255, (batch, *shape), dtype=np.uint8)
+            list(pool.map(lambda _: model.predict_shared(full), range(model.streams)))  # every stream traces
+            sizes = [min(batch, count - done) for done in range(0, count, batch)]
+            start = time.perf_counter()
+            list(pool.map(lambda n: model.predict_shared(full[:n]), sizes))
+            total += time.perf_counter() - start
+    return total / len(calls)
+
+
 def profile_table(profiles: list[dict], http_mean: float | None = None) -> list[str]:
     """Markdown rows: mean seconds per step over images (means add up), with shares of the total."""
     steps = {k: statistics.fmean(p[k] for p in profiles) for k in PROFILE_STEPS}
@@ -358,20 +380,27 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         server.stop()
 
-    model = loaded_model(args.model_dir)
+    from service.config import Settings
+
+    model = loaded_model(args.model_dir, Settings(model_dir=args.model_dir).runtime_options())  # as served
     tile = model.spec.image_size
     per_tile = model_alone(model, tile)
     best_batch = min(per_tile, key=per_tile.get)
     profiles, calls = profile_requests(model, images)
     alone_latency_1 = statistics.median(replay_latency(model, calls))
-    alone_images_per_s = 1.0 / replay_batched(model, calls, best_batch)
+    plain_images_per_s = 1.0 / replay_batched(model, calls, best_batch)
+    stream_rates = {b: 1.0 / replay_streams(model, calls, b) for b in (1, best_batch)} if model.streams > 1 else {}
+    alone_images_per_s = max([plain_images_per_s, *stream_rates.values()])
     tiles_per_image = sum(shape[0] * shape[1] * shape[2] for c in calls for shape in c) / tile**2 / len(calls)
 
     lines.append("## Throughput and latency (256x256 images)\n")
     lines.append(f"Model alone, in-process: the network calls that `segment()` makes for these images "
                  f"(recorded, {tiles_per_image:.2f} tile-equivalents of {tile}x{tile} per image), replayed "
                  f"without the service. One image at a time: median {alone_latency_1 * 1000:.0f} ms per image; "
-                 f"all tiles in batches of {best_batch} (its best batch size): {alone_images_per_s:.1f} images/s. "
+                 f"all tiles in batches of {best_batch} (its best batch size): {plain_images_per_s:.1f} images/s"
+                 + "".join(f"; on its {model.streams} streams side by side, batches of {b}: {r:.1f} images/s"
+                           for b, r in stream_rates.items())
+                 + f". The best of these, {alone_images_per_s:.1f} images/s, is the model alone below. "
                  f"Seconds per {tile}x{tile} tile by batch size: "
                  + ", ".join(f"{b}: {t * 1000:.1f} ms" for b, t in per_tile.items()) + ".\n")
     lines.append("| concurrency | images/s | MP/s | p50 ms | p95 ms | p99 ms | errors | mean tiles per model call | service / model-alone |")

@@ -87,7 +87,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(model.warm)
     batcher = MicroBatcher(model.predict_now, settings.batch_max_size, settings.batch_max_wait_ms,
                            settings.max_queue_tiles, on_batch=app.state.metrics.observe_batch,
-                           unit_pixels=model.spec.tile_pixels)
+                           unit_pixels=model.spec.tile_pixels, predict_shared=model.predict_shared,
+                           workers=model.streams)
     model.attach_batcher(batcher)
     app.state.ready = True
     log.info("model %s loaded and warmed (%s)", model.model_dir, model.serving())

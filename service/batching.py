@@ -3,7 +3,9 @@
 On a small CPU box, one model call on 8 tiles costs much less than 8 calls on one tile, and
 concurrent calls only fight over the same cores. So every request thread hands its tiles to
 one worker thread, which waits at most ``max_wait_ms`` for more work of the same tile shape, runs
-up to ``max_batch`` tiles at once, and hands each caller its slice of the result. With
+up to ``max_batch`` tiles at once, and hands each caller its slice of the result. Where the network
+has streams, one worker per stream: a batch that runs alone takes all the threads, the others a
+stream each, so the model keeps computing while other requests' post-processing holds a core. With
 ``unit_pixels`` set, tiles are counted in units of that many pixels (the model's input tile), so
 that the bounds mean the same memory whatever size the tiles are. Callers that
 declare themselves with :meth:`MicroBatcher.caller` let the worker skip that wait when no other
@@ -45,8 +47,11 @@ class MicroBatcher:
     """One worker thread that batches same-shape tile arrays for ``predict``."""
 
     def __init__(self, predict: PredictFn, max_batch: int = 8, max_wait_ms: float = 2.0, max_queue: int = 4096,
-                 on_batch: Callable[[int, float], None] | None = None, unit_pixels: int | None = None) -> None:
+                 on_batch: Callable[[int, float], None] | None = None, unit_pixels: int | None = None,
+                 predict_shared: PredictFn | None = None, workers: int = 1) -> None:
         self._predict = predict
+        self._predict_shared = predict_shared or predict
+        self._active = 0  # batches being computed
         self.unit_pixels = unit_pixels
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
@@ -57,8 +62,10 @@ class MicroBatcher:
         self._callers = 0  # callers inside caller(): requests that may submit work soon
         self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="model-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"model-batcher-{i}", daemon=True)
+                         for i in range(max(1, workers))]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def queued_tiles(self) -> int:
@@ -102,10 +109,12 @@ class MicroBatcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
-    def _take_batch(self) -> list[_Job] | None:
-        """Wait for work, then collect same-shape jobs up to ``max_batch`` tiles or ``max_wait``."""
+    def _take_batch(self) -> tuple[list[_Job], bool] | None:
+        """Wait for work, then collect same-shape jobs up to ``max_batch`` tiles or ``max_wait``; (the jobs,
+        whether they run alone: no other batch in progress, none waiting, no other request that may add one)."""
         with self._cond:
             while not self._jobs and not self._closed:
                 self._cond.wait()
@@ -128,7 +137,9 @@ class MicroBatcher:
                     break
                 self._cond.wait(remaining)
             self._queued_tiles -= count
-            return batch
+            lone = self._active == 0 and not self._jobs and self._alone(batch)
+            self._active += 1
+            return batch, lone
 
     def _alone(self, batch: list[_Job]) -> bool:
         """True when every declared caller already has its job in ``batch``, so waiting cannot add work.
@@ -139,19 +150,28 @@ class MicroBatcher:
 
     def _run(self) -> None:
         while True:
-            batch = self._take_batch()
-            if batch is None:
+            taken = self._take_batch()
+            if taken is None:
                 return
-            live = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            if live:
-                self._serve(live)
+            batch, lone = taken
+            try:
+                live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+                if live:
+                    self._serve(live, self._predict if lone else self._predict_shared)
+            finally:
+                with self._cond:
+                    self._active -= 1
 
-    def _serve(self, live: list[_Job]) -> None:
-        """Run one model call for ``live`` jobs; any failure goes to their callers, never kills the worker."""
+    def _serve(self, live: list[_Job], predict: PredictFn) -> None:
+        """Run one model call for ``live`` jobs; any failure goes to their callers, never kills the worker.
+
+        ``predict`` is the plain call for a batch that runs alone (all threads: the lowest latency),
+        else the shared one (a stream of its own, beside other batches and other requests' post-processing).
+        """
         try:
             tiles = np.concatenate([job.tiles for job in live]) if len(live) > 1 else live[0].tiles
             start = time.perf_counter()
-            probs = self._predict(tiles)
+            probs = predict(tiles)
             if self._on_batch:
                 self._on_batch(len(tiles), time.perf_counter() - start)
         except BaseException as exc:

@@ -88,23 +88,29 @@ class SegmentationModel:
     """One loaded model, shared by all requests of a process.
 
     ``predict`` is the single entry point to the network (either runtime, ``service.runtime``), so
-    a batching layer can wrap it without touching callers. Network calls are serialised by a lock:
-    concurrent calls on 2 cores only thrash, and batching, not threads, is what makes throughput.
+    a batching layer can wrap it without touching callers. A plain call (:meth:`predict_now`) runs
+    alone on all the network's threads; where the network has streams, :meth:`predict_shared` calls
+    run side by side, each on its stream's share, and never beside a plain call: threads that
+    outnumber the cores only thrash.
     """
 
     def __init__(self, model_dir: Path, spec: ModelSpec, network: Network | None) -> None:
         self.model_dir = model_dir
         self.spec = spec
         self.network = network
-        self._lock = threading.Lock()
+        self._gate = threading.Condition()
+        self._running = 0  # shared calls in progress
+        self._alone = False  # a plain call in progress
         self.batcher: MicroBatcher | None = None
         #: The network takes only ``image_size`` squares (resize-mode exports); else any multiple of ``GRID``.
         self.fixed_input = spec.inference == "resize" if network is None else network.fixed_input
 
     def serving(self) -> dict[str, Any]:
-        """What runs the network: runtime, the precision it computes in, the threads it really uses."""
+        """What runs the network: runtime, the precision it computes in, the threads it really uses, and its
+        streams (calls that may run side by side while requests overlap)."""
         network = self.network
-        return {"runtime": network.runtime, "precision": network.precision, "threads": network.threads}
+        return {"runtime": network.runtime, "precision": network.precision, "threads": network.threads,
+                "streams": self.streams}
 
     def tile_limits(self, max_tile: int) -> tuple[int, int]:
         """(largest tile side, grid the side is rounded to) that this network accepts for ``max_tile``."""
@@ -167,10 +173,36 @@ class SegmentationModel:
             return self.batcher.predict(batch)
         return self.predict_now(batch)
 
+    @property
+    def streams(self) -> int:
+        """How many :meth:`predict_shared` calls may run at once (1: they are plain calls)."""
+        return getattr(self.network, "streams", 1)
+
     def predict_now(self, batch: np.ndarray) -> np.ndarray:
-        """Run the network on ``batch`` in the calling thread."""
-        with self._lock:
+        """Run the network on ``batch`` in the calling thread, on all its threads, alone."""
+        with self._gate:
+            self._gate.wait_for(lambda: not self._alone and self._running == 0)
+            self._alone = True
+        try:
             return self.network(np.ascontiguousarray(batch, dtype=np.uint8))
+        finally:
+            with self._gate:
+                self._alone = False
+                self._gate.notify_all()
+
+    def predict_shared(self, batch: np.ndarray) -> np.ndarray:
+        """Run the network on ``batch`` on one of its streams, beside up to ``streams - 1`` other such calls."""
+        if self.streams == 1:
+            return self.predict_now(batch)
+        with self._gate:
+            self._gate.wait_for(lambda: not self._alone and self._running < self.streams)
+            self._running += 1
+        try:
+            return self.network.shared(np.ascontiguousarray(batch, dtype=np.uint8))
+        finally:
+            with self._gate:
+                self._running -= 1
+                self._gate.notify_all()
 
     @contextmanager
     def request(self) -> Iterator[None]:

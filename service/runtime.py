@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import queue
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
@@ -44,18 +45,25 @@ class RuntimeOptions:
     precision: Precision = "auto"  # auto: bf16 where the CPU computes it natively and the model passed parity, else f32
     threads: int = 0  # 0: the CPUs this process may use (see available_cpus), divided by ``workers``
     workers: int = 1
+    streams: int = 1  # >1 (OpenVINO): also that many single-thread-share streams, for calls made while others
+    #   run or requests are being post-processed; 0: one per thread. 1: every call on all threads
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, not {self.runtime!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {self.precision!r}")
-        if self.threads < 0 or self.workers < 1:
-            raise ValueError("threads must be >= 0 and workers >= 1")
+        if self.threads < 0 or self.workers < 1 or self.streams < 0:
+            raise ValueError("threads and streams must be >= 0 and workers >= 1")
 
     def thread_count(self) -> int:
         """The threads one process's network gets: the setting, else its share of the CPUs it may use."""
         return self.threads or max(1, available_cpus() // self.workers)
+
+    def stream_count(self) -> int:
+        """Streams of the shared network: the setting, or (0) one per thread; never more than the threads."""
+        threads = self.thread_count()
+        return min(threads, self.streams or threads)
 
 
 class Network(Protocol):
@@ -65,8 +73,13 @@ class Network(Protocol):
     precision: str  # the precision it computes in (never "auto")
     threads: int  # the threads it really uses, read back from the runtime
     fixed_input: bool  # True: only the model's own input size; else any multiple of the grid
+    streams: int  # calls :meth:`shared` may run at once (1: it is the plain call)
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """One call on all the network's threads (the fastest for a lone request)."""
+
+    def shared(self, batch: np.ndarray) -> np.ndarray:
+        """One call on one stream's share of the threads; up to ``streams`` may run at once."""
 
 
 def available_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
@@ -107,7 +120,7 @@ def load_network(model_dir: Path, metadata: dict[str, Any], options: RuntimeOpti
             raise RuntimeUnavailable(f"the tensorflow runtime computes in f32 only, not {options.precision} "
                                 "(use NUCLEI_RUNTIME=openvino)")
         return TensorFlowNetwork(model_dir, options.thread_count())
-    return OpenVINONetwork(model_dir, metadata, options.precision, options.thread_count())
+    return OpenVINONetwork(model_dir, metadata, options.precision, options.thread_count(), options.stream_count())
 
 
 def verified_precisions(metadata: dict[str, Any]) -> list[str]:
@@ -121,7 +134,8 @@ class OpenVINONetwork:
 
     runtime = "openvino"
 
-    def __init__(self, model_dir: Path, metadata: dict[str, Any], precision: str, threads: int) -> None:
+    def __init__(self, model_dir: Path, metadata: dict[str, Any], precision: str, threads: int,
+                 streams: int = 1) -> None:
         try:
             import openvino as ov
         except ImportError:
@@ -140,6 +154,18 @@ class OpenVINONetwork:
         self._request = self._compiled.create_infer_request()
         self._output = self._compiled.output(0)
         self.threads = int(self._compiled.get_property("INFERENCE_NUM_THREADS"))
+        self.streams = 1
+        self._free: queue.SimpleQueue | None = None
+        if streams > 1:  # the same threads again, split into streams that do not wait on one another
+            shared = core.compile_model(model, "CPU", {
+                "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint,
+                "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams})
+            self.streams = int(shared.get_property("NUM_STREAMS"))
+            self._free = queue.SimpleQueue()
+            for _ in range(self.streams):
+                self._free.put(shared.create_infer_request())
+            self._shared_model = shared  # the requests need their compiled model alive
+            self._shared_output = shared.output(0)
         shape = model.input(0).get_partial_shape()
         self.fixed_input = shape[1].is_static and shape[2].is_static
 
@@ -155,6 +181,17 @@ class OpenVINONetwork:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self._request.infer({0: batch})[self._output]
+
+    def shared(self, batch: np.ndarray) -> np.ndarray:
+        """A call on a free stream: beside other calls, or beside the post-processing of other requests,
+        a stream of its own share of the threads never waits for a thread that the OS gave to someone else."""
+        if self._free is None:
+            return self(batch)
+        request = self._free.get()
+        try:
+            return request.infer({0: batch})[self._shared_output]  # a copy (share_outputs=False): the request is reused
+        finally:
+            self._free.put(request)
 
 
 def resolve_precision(precision: str, capabilities: list[str], metadata: dict[str, Any]) -> str:
@@ -176,6 +213,7 @@ class TensorFlowNetwork:
 
     runtime = "tensorflow"
     precision = "f32"
+    streams = 1
 
     def __init__(self, model_dir: Path, threads: int) -> None:
         try:
@@ -193,6 +231,8 @@ class TensorFlowNetwork:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         result = self._fn(images=self._tf.constant(batch, dtype=self._tf.uint8))
         return next(iter(result.values())).numpy()
+
+    shared = __call__  # one TensorFlow call at a time: its own inter-op pool gains nothing on a few cores
 
 
 def set_tensorflow_threads(tf: Any, threads: int) -> None:

@@ -63,7 +63,7 @@ class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     service_version: str = Field(description="Version of the nuclei-seg service.")
-    serving: dict[str, Any] = Field(description="What runs the network: runtime, precision, threads.")
+    serving: dict[str, Any] = Field(description="What runs the network: runtime, precision, threads, streams.")
 
 
 class Health(BaseModel):

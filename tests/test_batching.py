@@ -185,3 +185,39 @@ def test_with_unit_pixels_the_queue_bound_counts_pixels():
             batcher.submit(np.zeros((1, 4, 4, 3), np.uint8))
         gate.set()
         assert running.result(5).shape == (1, 4, 4, 3) and queued.result(5).shape == (2, 8, 8, 3)
+
+
+def test_a_lone_batch_takes_the_plain_call_and_overlapping_ones_the_shared_streams():
+    """With streams (two workers), a request alone gets the network on all its threads (its lowest latency);
+    while other requests are in progress, batches run side by side on the shared streams."""
+    plain, shared = FakeModel(delay=0.0), FakeModel(delay=0.05)
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def streamed(tiles: np.ndarray) -> np.ndarray:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            return shared(tiles)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    batcher = MicroBatcher(plain, max_batch=1, max_wait_ms=0, predict_shared=streamed, workers=2)
+    try:
+        with batcher.caller():
+            out = batcher.predict(np.zeros((1, 4, 4, 3), np.uint8))
+        assert out.shape == (1, 4, 4, 3) and plain.batches == [1] and shared.batches == []
+        barrier = threading.Barrier(4)
+
+        def request(i: int) -> np.ndarray:
+            with batcher.caller():
+                barrier.wait()
+                return batcher.predict(np.full((1, 4, 4, 3), i, np.uint8))
+
+        with ThreadPoolExecutor(4) as pool:
+            outputs = list(pool.map(request, range(4)))
+        assert all(np.all(out == i + 0.5) for i, out in enumerate(outputs))
+        assert len(shared.batches) >= 3 and peak[0] == 2  # two streams at once, never more
+    finally:
+        batcher.close()

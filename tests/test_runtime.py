@@ -130,3 +130,38 @@ def test_a_quantized_copy_is_served_in_int8(tile_model_dir: Path, tmp_path: Path
     model = SegmentationModel.load(copy, RuntimeOptions("openvino", "int8"))
     assert model.network.precision == "int8"
     assert model.predict(np.zeros((1, 64, 64, 3), np.uint8)).shape == (1, 64, 64, model.spec.num_classes)
+
+
+def test_streams_give_the_plain_calls_results_and_never_run_beside_one(tile_model_dir: Path):
+    """NUCLEI_STREAMS: the shared streams compute what the plain call does, run side by side, and a plain
+    call (all threads) waits until none of them runs, so threads never outnumber the ones asked for."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = SegmentationModel.load(tile_model_dir, RuntimeOptions("openvino", "f32", threads=2, streams=2))
+    assert model.streams == 2 and model.serving()["streams"] == 2
+    batch = np.random.default_rng(0).integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
+    np.testing.assert_allclose(model.predict_shared(batch), model.predict_now(batch), atol=1e-5)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: model.predict_shared(batch), range(8)))
+    assert all(np.allclose(r, results[0], atol=1e-5) for r in results)
+
+    seen = []
+    network = model.network
+    original_shared = network.shared
+
+    def shared(b):  # noqa: ANN001, ANN202
+        seen.append(("shared", model._alone, model._running))
+        return original_shared(b)
+
+    network.shared = shared
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(model.predict_shared, batch) for _ in range(4)] + [pool.submit(model.predict_now, batch)]
+        for f in futures:
+            f.result()
+    assert all(not alone and 1 <= running <= 2 for _, alone, running in seen)
+    assert not model._alone and model._running == 0
+    plain_only = SegmentationModel.load(tile_model_dir, RuntimeOptions("openvino", "f32", threads=2))
+    assert plain_only.streams == 1 and RuntimeOptions(threads=2, streams=0).stream_count() == 2
+    assert RuntimeOptions(threads=1, streams=4).stream_count() == 1
+    with pytest.raises(ValueError):
+        RuntimeOptions(streams=-1)
