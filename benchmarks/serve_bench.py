@@ -129,15 +129,20 @@ def replay_latency(model, calls: list[list[tuple[int, ...]]], repeats: int = 3) 
     return seconds
 
 
-def replay_batched(model, calls: list[list[tuple[int, ...]]], batch: int) -> float:  # noqa: ANN001
-    """Model alone at its best: seconds per image when all images' tiles run in batches of ``batch``."""
-    by_shape: dict[tuple[int, ...], int] = {}
+def tiles_by_shape(calls: list[list[tuple[int, ...]]]) -> dict[tuple[int, ...], int]:
+    """How many tiles of each shape the recorded calls ran."""
+    counts: dict[tuple[int, ...], int] = {}
     for shapes in calls:
         for shape in shapes:
-            by_shape[shape[1:]] = by_shape.get(shape[1:], 0) + shape[0]
+            counts[shape[1:]] = counts.get(shape[1:], 0) + shape[0]
+    return counts
+
+
+def replay_batched(model, calls: list[list[tuple[int, ...]]], batch: int) -> float:  # noqa: ANN001
+    """Model alone at its best: seconds per image when all images' tiles run in batches of ``batch``."""
     rng = np.random.default_rng(0)
     total = 0.0
-    for shape, count in by_shape.items():
+    for shape, count in tiles_by_shape(calls).items():
         full = rng.integers(0, 255, (batch, *shape), dtype=np.uint8)
         model.predict_now(full)  # the shape's first call traces
         start = time.perf_counter()
@@ -152,14 +157,10 @@ def replay_streams(model, calls: list[list[tuple[int, ...]]], batch: int) -> flo
     the next batch of ``batch`` tiles (the model alone as the busy server runs it)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    by_shape: dict[tuple[int, ...], int] = {}
-    for shapes in calls:
-        for shape in shapes:
-            by_shape[shape[1:]] = by_shape.get(shape[1:], 0) + shape[0]
     rng = np.random.default_rng(0)
     total = 0.0
     with ThreadPoolExecutor(model.streams) as pool:
-        for shape, count in by_shape.items():
+        for shape, count in tiles_by_shape(calls).items():
             full = rng.integers(0, 255, (batch, *shape), dtype=np.uint8)
             list(pool.map(lambda _: model.predict_shared(full), range(model.streams)))  # every stream traces
             sizes = [min(batch, count - done) for done in range(0, count, batch)]
