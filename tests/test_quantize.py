@@ -63,6 +63,7 @@ def test_metadata_records_precision_and_provenance(quantized_dir: Path, tile_mod
     assert q["calibration_crops"] == CROPS and 1 <= q["calibration_images"] <= CROPS
     assert q["seed"] == SEED and q["source_model"] == str(tile_model_dir)
     assert q["openvino_version"] == ov.__version__ and q["nncf_version"]
+    assert q["overflow_fix"] == "first_layer_only"  # NNCF's default
     # everything else is the source model's, unchanged
     assert {k: v for k, v in metadata.items() if k not in ("precision", "openvino", "quantization")} == source
 
@@ -128,3 +129,16 @@ def test_a_failed_write_leaves_nothing(quantized_dir: Path, tile_model_dir: Path
         quantize_module.write_quantized(tile_model_dir, model, tmp_path / "out",
                                         quantize_module.Calibration([], []), seed=0)
     assert list(tmp_path.iterdir()) == []  # neither OUT nor its temporary sibling
+
+
+def test_overflow_fix_for_cpus_without_vnni_is_applied_and_recorded(quantized_dir: Path, tile_model_dir: Path,
+                                                                     dataset_dir: Path, tmp_path: Path):
+    """--overflow-fix enable: every layer's weights in 7 bits (CPUs without VNNI would saturate), recorded."""
+    out = tmp_path / "int8_7bit"
+    assert quantize_main(["--model", str(tile_model_dir), "--data", str(dataset_dir), "--out", str(out),
+                          "--crops", str(CROPS), "--seed", str(SEED), "--overflow-fix", "enable"]) == 0
+    assert json.loads((out / "metadata.json").read_text())["quantization"]["overflow_fix"] == "enable"
+    assert (out / "openvino" / "int8.bin").read_bytes() != (quantized_dir / "openvino" / "int8.bin").read_bytes()
+    with pytest.raises(SystemExit):
+        quantize_main(["--model", str(tile_model_dir), "--data", str(dataset_dir), "--out", str(tmp_path / "x"),
+                       "--overflow-fix", "sometimes"])

@@ -160,14 +160,22 @@ def calibration_crops(model_dir: Path, data: DataSpec | list[DataSpec], count: i
     return Calibration(crops, ids)
 
 
-def quantize(model_dir: Path, crops: list[np.ndarray]) -> ov.Model:
+#: NNCF's ``overflow_fix``: weights of every layer (``enable``), of the first only (``first_layer_only``, NNCF's
+#: default) or of none (``disable``) are quantized to 7 bits, so that CPUs without VNNI (AVX2, AVX-512 before
+#: Cascade Lake) cannot saturate the 16-bit sums of their u8 x s8 products.
+OVERFLOW_FIXES = ("first_layer_only", "enable", "disable")
+
+
+def quantize(model_dir: Path, crops: list[np.ndarray], overflow_fix: str = "first_layer_only") -> ov.Model:
     """The SavedModel as an OpenVINO model with int8 weights and activations (NNCF's default preset).
 
     ``nncf.quantize`` fits each quantizer's range to the activations of ``crops`` (all of them:
     ``subset_size``); the input stays uint8 ``[?, ?, ?, 3]`` and the output float32 probabilities,
-    as in the SavedModel, so the service feeds both the same tiles.
+    as in the SavedModel, so the service feeds both the same tiles. ``overflow_fix`` (``OVERFLOW_FIXES``):
+    ``enable`` for a copy that must keep its quality on CPUs without VNNI too (docs/runtimes.md).
     """
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
     nncf.set_log_level(logging.WARNING)  # its INFO lines repeat per step and say nothing a user needs
     try:
@@ -175,7 +183,8 @@ def quantize(model_dir: Path, crops: list[np.ndarray]) -> ov.Model:
     except Exception as exc:  # OpenVINO's frontends raise several types for a foreign or corrupt folder
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QuantizeError(f"OpenVINO cannot read the SavedModel in {model_dir}: {reason}") from None
-    quantized = nncf.quantize(model, nncf.Dataset(crops), subset_size=len(crops))
+    quantized = nncf.quantize(model, nncf.Dataset(crops), subset_size=len(crops),
+                              advanced_parameters=AdvancedQuantizationParameters(overflow_fix=OverflowFix(overflow_fix)))
     shape = quantized.input(0).get_partial_shape()
     if not (shape.rank.is_static and shape.rank.get_length() == 4 and all(d.is_dynamic for d in list(shape)[:3])):
         raise QuantizeError(f"the quantized model's input is {shape}, not [?,?,?,3]: it would take one tile shape only")
@@ -191,7 +200,8 @@ def check_out(out: Path, model_dir: Path) -> None:
         raise QuantizeError(f"output {out} lies inside the model folder {model_dir}")
 
 
-def write_quantized(model_dir: Path, quantized: ov.Model, out: Path, calibration: Calibration, seed: int) -> Path:
+def write_quantized(model_dir: Path, quantized: ov.Model, out: Path, calibration: Calibration, seed: int,
+                    overflow_fix: str = "first_layer_only") -> Path:
     """Write the model folder's copy, the int8 IR and the updated metadata to ``out``, all or nothing.
 
     Everything goes to a temporary sibling folder first, renamed to ``out`` once complete, so the
@@ -213,6 +223,7 @@ def write_quantized(model_dir: Path, quantized: ov.Model, out: Path, calibration
             "quantization": {"method": "nncf.quantize", "nncf_version": nncf.__version__,
                              "openvino_version": ov.__version__, "calibration_crops": len(calibration.crops),
                              "calibration_images": calibration.images, "from_split": "train", "seed": seed,
+                             "overflow_fix": overflow_fix,
                              "source_model": str(model_dir)},
         })
         if out.exists():  # an empty folder (check_out refused anything else)
@@ -233,14 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crops", type=at_least(1), default=DEFAULT_CROPS,
                         help=f"calibration crops (default {DEFAULT_CROPS})")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"crop seed (default {DEFAULT_SEED})")
+    parser.add_argument("--overflow-fix", choices=OVERFLOW_FIXES, default="first_layer_only",
+                        help="7-bit weights in every layer (enable), the first (first_layer_only, the default) or "
+                             "none: enable keeps int8's quality on CPUs without VNNI, such as AVX2-only ones")
     args = parser.parse_args(argv)
     try:
         read_metadata(args.model)
         check_out(args.out, args.model)  # both before any image is loaded
         calibration = calibration_crops(args.model, args.data, args.crops, args.seed)
         print(f"calibration: {len(calibration.crops)} crops from {calibration.images} training images")
-        quantized = quantize(args.model, calibration.crops)
-        out = write_quantized(args.model, quantized, args.out, calibration, args.seed)
+        quantized = quantize(args.model, calibration.crops, args.overflow_fix)
+        out = write_quantized(args.model, quantized, args.out, calibration, args.seed, args.overflow_fix)
     except (QuantizeError, DataError, ModelLoadError) as error:  # the user's input: a message, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
