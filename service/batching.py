@@ -44,7 +44,7 @@ class _Job:
 
 
 class MicroBatcher:
-    """One worker thread that batches same-shape tile arrays for ``predict``."""
+    """Worker threads (one, or one per stream of the network) that batch same-shape tile arrays for ``predict``."""
 
     def __init__(self, predict: PredictFn, max_batch: int = 8, max_wait_ms: float = 2.0, max_queue: int = 4096,
                  on_batch: Callable[[int, float], None] | None = None, unit_pixels: int | None = None,
