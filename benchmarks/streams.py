@@ -10,8 +10,9 @@ Two measurements, each interleaved so that the machine's drift hits both alike:
    request's post-processing does. Batches of 2 random 256x256 tiles, ``--rounds`` rounds of
    3 s, medians.
 2. The server (``nuclei-serve``) with ``NUCLEI_STREAMS=1`` and ``2``, started in turn
-   ``--servers`` times each. Real DSB2018 256x256 images: 16 requests at concurrency 1, then 32
-   at concurrency 8. Medians over the starts.
+   ``--servers`` times each. Real DSB2018 256x256 images, each sent once alone and once among
+   others first (so every tile shape is warm in both networks), then 16 requests at concurrency
+   1 and 32 at concurrency 8. Medians over the starts.
 """
 
 from __future__ import annotations
@@ -97,7 +98,10 @@ def server_table(model_dir: Path, starts: int) -> list[str]:
         for streams in ("1", "2"):
             server = Server({"NUCLEI_MODEL_DIR": str(model_dir), "NUCLEI_STREAMS": streams})
             try:
-                drive(server.url, payloads, 2, 8)  # warm the shapes
+                # every image once alone and once among others, so that both the network on all threads and
+                # its streams have met every tile shape before anything is timed (a first shape costs extra)
+                drive(server.url, payloads, 1, len(payloads))
+                drive(server.url, payloads, 8, len(payloads))
                 for concurrency, total in ((1, 16), (8, 32)):
                     latencies, wall, _ = drive(server.url, payloads, concurrency, total)
                     results.setdefault((streams, concurrency), []).append((len(latencies) / wall, pct(latencies, 50)))

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
                          "alone), compile it as this many streams that split those threads, for model calls made "
                          "while other requests are in progress (at most one per thread; 0: one per thread; 1: "
                          "none, every call on all threads). 2 served 1.01-1.18x the images/s of 1 at "
-                         "concurrency 8 and 0.94x at 1 on 2 cores (docs/performance.md).")
+                         "concurrency 8 and the same at 1 on 2 cores (docs/performance.md).")
     api_key: str | None = Field(None, description="If set, /segment* require 'Authorization: Bearer KEY' or 'X-API-Key: KEY'.")
     cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins (none: CORS off).")
     log_level: str = Field("info", description="Uvicorn log level.")

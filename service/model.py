@@ -218,8 +218,15 @@ class SegmentationModel:
         self.batcher = batcher
 
     def warm(self, repeats: int = 2) -> None:
-        """Run the shapes requests will use, so the first request does not pay for tracing."""
+        """Run the shapes requests will use, so the first request does not pay for tracing; on every stream
+        too (all at once, so each takes one), since each compiled network meets a new shape on its own."""
         size = self.spec.image_size
+        tile = np.zeros((1, size, size, 3), np.uint8)
         for _ in range(repeats):
-            self.predict_now(np.zeros((1, size, size, 3), np.uint8))
+            self.predict_now(tile)
+        if self.streams > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(self.streams) as pool:
+                list(pool.map(lambda _: self.predict_shared(tile), range(self.streams * repeats)))
 
