@@ -158,6 +158,13 @@ def drive(url: str, payloads: list[bytes], concurrency: int, total: int) -> tupl
     return latencies, wall, len(results) - len(latencies)
 
 
+def warm_shapes(url: str, payloads: list[bytes]) -> None:
+    """Send every payload once alone and once among others, untimed: each compiled network (the one on all
+    threads for a lone request, the streams for overlapping ones) pays once for every new tile shape."""
+    drive(url, payloads, 1, len(payloads))
+    drive(url, payloads, 8, len(payloads))
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import ROOT, Server, big_image, drive, pct, png_bytes, real_images
+from benchmarks.harness import ROOT, Server, big_image, drive, pct, png_bytes, real_images, warm_shapes
 
 # ---------------------------------------------------------------- in-process
 def loaded_model(model_dir: Path, options=None):  # noqa: ANN001, ANN201 (RuntimeOptions, SegmentationModel)
@@ -324,7 +324,7 @@ def served_throughput(model_dir: Path, int8_dir: Path | None, runtimes: list[tup
         folder = int8_dir if precision == "int8" and int8_dir else model_dir
         server = Server({"NUCLEI_MODEL_DIR": str(folder), "NUCLEI_RUNTIME": runtime, "NUCLEI_PRECISION": precision})
         try:
-            drive(server.url, payloads, 2, 8)
+            warm_shapes(server.url, payloads)
             rates = []
             for c in levels:
                 latencies, wall, errors = drive(server.url, payloads, c, requests)
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     server = Server({"NUCLEI_MODEL_DIR": str(args.model_dir)})
     cold = [server.cold_start]
     try:
-        drive(server.url, payloads, 2, 8)  # warm the server's shapes
+        warm_shapes(server.url, payloads)  # untimed: every tile shape met by both networks
         rows = []
         for c in [int(x) for x in args.concurrency.split(",")]:
             latencies, wall, errors = drive(server.url, payloads, c, args.requests)

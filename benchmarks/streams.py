@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import ROOT, Server, drive, pct, png_bytes, real_images
+from benchmarks.harness import ROOT, Server, drive, pct, png_bytes, real_images, warm_shapes
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -98,10 +98,7 @@ def server_table(model_dir: Path, starts: int) -> list[str]:
         for streams in ("1", "2"):
             server = Server({"NUCLEI_MODEL_DIR": str(model_dir), "NUCLEI_STREAMS": streams})
             try:
-                # every image once alone and once among others, so that both the network on all threads and
-                # its streams have met every tile shape before anything is timed (a first shape costs extra)
-                drive(server.url, payloads, 1, len(payloads))
-                drive(server.url, payloads, 8, len(payloads))
+                warm_shapes(server.url, payloads)
                 for concurrency, total in ((1, 16), (8, 32)):
                     latencies, wall, _ = drive(server.url, payloads, concurrency, total)
                     results.setdefault((streams, concurrency), []).append((len(latencies) / wall, pct(latencies, 50)))
