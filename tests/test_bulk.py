@@ -423,3 +423,16 @@ def test_fingerprint_changes_with_precision_and_tiling(tmp_path):
               for settings in (base, base.model_copy(update={"precision": "f32"}),
                                base.model_copy(update={"max_tile_size": 256}))}
     assert len(prints) == 3
+
+
+def test_the_in_process_engine_loads_the_network_without_streams(tmp_path: Path):
+    """One image after another never overlaps model calls: the folder command compiles no streams, whatever
+    NUCLEI_STREAMS says for the server."""
+    from service.bulk.cli import build_engine, build_parser, settings_from
+
+    args = build_parser().parse_args(["segment", str(tmp_path), "--out", str(tmp_path / "o"),
+                                      "--model-dir", str(SHIPPED)])
+    settings = settings_from(args)
+    assert settings.streams == 2  # the server's default
+    engine, _, _ = build_engine(args, settings, settings.segment_options(), {}, False)
+    assert engine.describe()["serving"]["streams"] == 1

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,8 @@ def build_engine(args: argparse.Namespace, settings: Settings, options: Any, cho
         return engine, metadata, {"dir": str(settings.model_dir)}
     from service.bulk.engines import InProcess
 
-    model = SegmentationModel.load(settings.model_dir, settings.runtime_options())
+    # one image after another: the network on all threads, no streams (they serve overlapping requests only)
+    model = SegmentationModel.load(settings.model_dir, replace(settings.runtime_options(), streams=1))
     engine = InProcess(model, options, settings.max_pixels, args.channel)
     return engine, model.spec.metadata, {"dir": str(settings.model_dir)}
 
