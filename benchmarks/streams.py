@@ -40,11 +40,9 @@ def network_rates(network, seconds: float, beside_decoding: bool) -> tuple[float
     probs = np.random.default_rng(1).dirichlet([3, 1, 1], (256, 256)).astype(np.float32)
     stop, lock = threading.Event(), threading.Lock()
     tiles, decodings = [0], [0]
-    call = network if network.streams == 1 else network.shared
-
     def infer() -> None:
         while not stop.is_set():
-            call(batch)
+            network.shared(batch)  # the plain call, for a network without streams
             with lock:
                 tiles[0] += len(batch)
 

@@ -126,7 +126,7 @@ def create_app(settings: Settings | None = None, model: SegmentationModel | None
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"])
     app.add_middleware(BodyLimitMiddleware, settings=settings)
-    _install_metrics_middleware(app)
+    app.add_middleware(MetricsMiddleware, app_state=app.state)
     _install_error_handlers(app)
     _install_routes(app)
     install_page(app)
@@ -183,10 +183,6 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, counted_receive, send)
-
-
-def _install_metrics_middleware(app: FastAPI) -> None:
-    app.add_middleware(MetricsMiddleware, app_state=app.state)
 
 
 class MetricsMiddleware:

@@ -148,18 +148,16 @@ class OpenVINONetwork:
         # The hint also fixes what the ops outside int8 compute in; without it, OpenVINO would choose
         # bf16 on its own on a CPU that has it, and f32 would not mean f32.
         hint = "bf16" if self.precision == "bf16" else "f32"
-        self._compiled = core.compile_model(model, "CPU", {
-            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint,
-            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
+        settings = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint}
+        self._compiled = core.compile_model(model, "CPU", {**settings, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1})
         self._request = self._compiled.create_infer_request()
         self._output = self._compiled.output(0)
         self.threads = int(self._compiled.get_property("INFERENCE_NUM_THREADS"))
         self.streams = 1
         self._free: queue.SimpleQueue | None = None
         if streams > 1:  # the same threads again, split into streams that do not wait on one another
-            shared = core.compile_model(model, "CPU", {
-                "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint,
-                "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams})
+            shared = core.compile_model(model, "CPU", {**settings, "PERFORMANCE_HINT": "THROUGHPUT",
+                                                       "NUM_STREAMS": streams})
             self.streams = int(shared.get_property("NUM_STREAMS"))
             self._free = queue.SimpleQueue()
             for _ in range(self.streams):
