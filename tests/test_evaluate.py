@@ -22,7 +22,7 @@ from training.evaluate import (BORDER_GRID, SEED_GRID, SIGMA_GRID, evaluate_mode
 from training.matching import score_image
 from training.robustness import CHANGES
 from training.robustness import main as robustness_main
-from training.report import core_note, fine_tune_note, photometric_note, sampling_note, write_report
+from training.report import core_note, fine_tune_note, init_note, photometric_note, sampling_note, write_report
 
 
 def test_evaluate_writes_report_and_scores_the_service_path(tile_model_dir: Path, dataset_dir: Path, tmp_path: Path):
@@ -232,6 +232,16 @@ def test_report_recipe_names_the_optional_photometric_augmentations():
     assert photometric_note(best) == ", H&E stain (HED optical density) jitter"
     assert photometric_note(replace(best, artefacts=True)).endswith(", defocus blur, strong noise and JPEG compression")
     assert photometric_note(replace(best, stain=False)) == ""
+
+
+def test_report_says_where_a_fine_tuned_model_started():
+    assert init_note({}) == ""  # trained from the encoder's weights
+    start = {"model": "models/default", "git_commit": "abc123", "precision": "mixed_bfloat16",
+             "training": {"epochs": 23, "steps_per_epoch": 200, "fit_seconds": 5976.0}}
+    assert init_note({"init": start}) == ("fine-tuned from `models/default` (commit abc123; that model: 23 epochs x "
+                                          "200 steps, fit 99.6 min, mixed_bfloat16), then ")
+    # a model fine-tuned before its start's fit was recorded still names its start
+    assert init_note({"init": {"model": "m"}}) == "fine-tuned from `m` (commit unknown), then "
 
 
 def test_report_recipe_names_the_kept_cores():

@@ -121,6 +121,7 @@ def test_two_sources_train_record_licences_and_fine_tune_from_the_export(dataset
     train(config, [pairs_dir], tuned, evaluate_after=False, init=args.init)
     tuned_meta = json.loads((tuned / "model" / "metadata.json").read_text())
     assert tuned_meta["init"]["model"] == str(run / "model")
+    assert tuned_meta["init"]["training"] == meta["training"]  # the start model's own fit stays on record
     assert tuned_meta["classes"] == meta["classes"] and tuned_meta["input"] == meta["input"]  # the same contract
     assert SegmentationModel.load(tuned / "model").predict(batch).shape == served.shape
 

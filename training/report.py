@@ -224,6 +224,19 @@ def test_overlays(model_dir: Path, test_data: Path, path: Path, count: int = 3) 
     return [s.id for s in picked]
 
 
+def init_note(metadata: dict) -> str:
+    """Where a fine-tuned model started (``train.init_record``), so its fit time reads as the second
+    stage it is, not the whole recipe; empty for a model trained from the encoder's weights."""
+    init = metadata.get("init")
+    if not init:
+        return ""
+    start = init.get("training") or {}
+    own = (f"; that model: {start['epochs']} epochs x {start['steps_per_epoch']} steps, fit "
+           f"{start['fit_seconds'] / 60:.1f} min{', ' + init['precision'] if init.get('precision') else ''}"
+           if {"epochs", "steps_per_epoch", "fit_seconds"} <= set(start) else "")
+    return f"fine-tuned from `{init['model']}` (commit {init.get('git_commit') or 'unknown'}{own}), then "
+
+
 def modality_decodings_note(metadata: dict, seed_map: str) -> str:
     """The decodings tuned for one modality alone (``postprocess_by_modality``), where there are any."""
     own = metadata.get("postprocess_by_modality") or {}
@@ -301,7 +314,7 @@ AJI: MoNuSeg's aggregated Jaccard index, averaged over images.
 {sources_note(best['metadata'])}
 - {'This model was trained on CC BY-NC-SA 4.0 data (MoNuSeg): it is for non-commercial use, and models derived from it share that licence. ' if non_commercial else ''}Retrain on CC0 data only: `python -m training.train --preset best --data ../shared/data/dsb2018/stage1_train --out runs/cc0`.
 - {m['train_images']} training images.
-- Training: {m['epochs']} epochs x {m['steps_per_epoch']} steps of {cfg.batch_size} random
+- Training: {init_note(best['metadata'])}{m['epochs']} epochs x {m['steps_per_epoch']} steps of {cfg.batch_size} random
   {cfg.image_size}x{cfg.image_size} crops; fit {m['fit_seconds'] / 60:.1f} min
   ({m['train_images_per_second']} crops/s) on the 2-core CPU; {m['parameters']['trainable']:,} trainable of
   {m['parameters']['total']:,} parameters.

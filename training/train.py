@@ -243,9 +243,13 @@ def data_record(dataset: NucleiDataset) -> dict:
 
 
 def init_record(init: Path) -> dict:
-    """Provenance of a fine-tuned model: the model it started from and that model's training data."""
+    """Provenance of a fine-tuned model: the model it started from, that model's training data and
+    its own training (and, where it was fine-tuned too, its start's), so a chain of fits stays traceable."""
     metadata = json.loads((Path(init) / METADATA_FILE).read_text())
-    return {"model": str(init), "git_commit": metadata.get("git_commit"), "data": metadata.get("data", {})}
+    return {"model": str(init), "git_commit": metadata.get("git_commit"), "data": metadata.get("data", {}),
+            "training": metadata.get("training", {}),
+            "precision": (metadata.get("training_config") or {}).get("precision"),
+            **({"init": metadata["init"]} if "init" in metadata else {})}
 
 
 def split_record(config: TrainConfig, train_ids: list[str], val_ids: list[str]) -> dict:
