@@ -166,8 +166,11 @@ def test_report_compares_models_on_validation_and_the_external_test_set(tile_run
     (tmp_path / "commands.txt").write_text("python -m training.evaluate --model M --data D\n")
     out = tmp_path / "shipped"
     shutil.copytree(run / "model", out)
-    report = write_report(run, run, dataset_dir, out, evaluations, test, tmp_path / "sweep.json",
+    reference = tmp_path / "reference_model"  # a bare model folder, as git archive gives an earlier one
+    shutil.copytree(run / "model", reference)
+    report = write_report(run, reference, dataset_dir, out, evaluations, test, tmp_path / "sweep.json",
                           tmp_path / "commands.txt").read_text()
+    assert "share them" in report
     table = [line for line in report.splitlines() if line.startswith("| shipped")][0]
     assert f"{val['dsb_score']:.3f}" in table and f"{tested['aji']:.3f}" in table
     assert [line for line in report.splitlines() if line.startswith("| previous")][0].count("| - ") >= 2

@@ -41,6 +41,13 @@ def load_run(run: Path) -> dict:
     }
 
 
+def model_metadata(folder: Path) -> dict:
+    """The metadata of a run's model, or of an exported model folder itself (a reference taken from
+    the repository's history, e.g. ``git archive``, has no run folder around it)."""
+    own = folder / "metadata.json"
+    return json.loads((own if own.is_file() else folder / "model" / "metadata.json").read_text())
+
+
 def overlay_figure(model_dir: Path, data_dir: Path, ids: list[str], path: Path) -> list[str]:
     """Image and API overlay for the first validation image of each modality; returns their ids."""
     model = SegmentationModel.load(model_dir)
@@ -250,7 +257,7 @@ def write_report(best_run: Path, reference_run: Path, data: Path | list[Path], o
                  commands: Path | None = None) -> Path:
     """REPORT.md of the model in ``out`` from its run, the compared models' evaluations, the
     scale sweep and the commands that produced them (a text file copied in verbatim)."""
-    best, ref = load_run(best_run), load_run(reference_run)
+    best = load_run(best_run)
     if (out / "metadata.json").is_file():  # the shipped copy holds the tuned thresholds
         best["metadata"] = json.loads((out / "metadata.json").read_text())
     for name in ("curves.png", "predictions.png"):
@@ -267,7 +274,7 @@ def write_report(best_run: Path, reference_run: Path, data: Path | list[Path], o
     m = best["metrics"]
     scores = read_evaluations(evaluations, best_run, reference_run)
     table = comparison_table(scores)
-    same_split = set(ref["metadata"]["split"]["validation_ids"]) <= set(val_ids)
+    same_split = set(model_metadata(reference_run)["split"]["validation_ids"]) <= set(val_ids)
     shipped_val = scores.get("shipped", {}).get("dsb_val", best["summary"])
     seed_map = "the distance output" if cfg.distance_output else "interior probability"
     outputs = "3 classes" + (" + distance" if cfg.distance_output else "") + (f" + {cfg.rays} rays" if cfg.rays else "")
@@ -376,7 +383,7 @@ Worst validation images (truth green, prediction magenta):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--best", type=Path, required=True, help="run folder of the shipped model")
-    parser.add_argument("--reference", type=Path, required=True, help="run folder of the reference model")
+    parser.add_argument("--reference", type=Path, required=True, help="run folder of the reference model, or the model folder itself")
     parser.add_argument("--data", type=Path, action="append", required=True,
                         help="the training data; the first (DSB2018) gives the validation overlays")
     parser.add_argument("--out", type=Path, required=True, help="the shipped model folder (models/default)")
