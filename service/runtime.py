@@ -200,7 +200,13 @@ def resolve_precision(precision: str, capabilities: list[str], metadata: dict[st
         verified = verified_precisions(metadata)
         if metadata.get("precision") == "int8" and "int8" in verified:  # a quantized copy (training.quantize)
             return "int8"
-        return "bf16" if "BF16" in capabilities and "bf16" in verified else "f32"
+        if "BF16" in capabilities and "bf16" not in verified:  # say why a bf16 CPU runs f32, and the way out
+            parity = ((metadata.get("runtime") or {}).get("parity") or {}).get("bf16")
+            log.warning("precision auto: f32, not bf16: %s (python -m training.parity --precision bf16 --record "
+                        "gates it on this CPU)", "the model failed the bf16 parity gate" if parity
+                        else "the model's bf16 was never gated")
+            return "f32"
+        return "bf16" if "BF16" in capabilities else "f32"
     if precision == "bf16" and "BF16" not in capabilities:
         raise RuntimeUnavailable("this CPU has no native bf16 (AVX512-BF16 or AMX); use NUCLEI_PRECISION=f32 or auto")
     return precision

@@ -48,6 +48,21 @@ def test_precision_auto_is_f32_unless_the_model_passed_the_gate():
     assert resolve_precision("auto", ["FP32"], quantized) == "int8"
 
 
+def test_precision_auto_says_why_a_bf16_cpu_serves_f32(caplog: pytest.LogCaptureFixture):
+    """A model shipped from a host without bf16 carries no bf16 verdict: the log names the gate to run."""
+    with caplog.at_level("WARNING", logger="nuclei_seg"):
+        resolve_precision("auto", ["FP32", "BF16"], {})
+    assert "never gated" in caplog.text and "training.parity --precision bf16 --record" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nuclei_seg"):
+        resolve_precision("auto", ["FP32", "BF16"], {"runtime": {"parity": {"bf16": {"passed": False}}}})
+    assert "failed the bf16 parity gate" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nuclei_seg"):
+        resolve_precision("auto", ["FP32"], {})  # no bf16 here: nothing to say
+    assert caplog.text == ""
+
+
 def test_impossible_runtime_settings_are_refused_with_a_reason(tile_model_dir: Path):
     with pytest.raises(ModelLoadError, match="int8 needs a quantized model"):
         SegmentationModel.load(tile_model_dir, RuntimeOptions("openvino", "int8"))
