@@ -202,8 +202,8 @@ def resolve_precision(precision: str, capabilities: list[str], metadata: dict[st
             return "int8"
         if "BF16" in capabilities and "bf16" not in verified:  # say why a bf16 CPU runs f32, and the way out
             parity = ((metadata.get("runtime") or {}).get("parity") or {}).get("bf16")
-            log.warning("precision auto: f32, not bf16: %s (python -m training.parity --precision bf16 --record "
-                        "gates it on this CPU)", "the model failed the bf16 parity gate" if parity
+            log.warning("precision auto: f32, not bf16: %s (python -m training.parity --model MODEL --data DATA "
+                        "--precision bf16 --record gates it on this CPU)", "the model failed the bf16 parity gate" if parity
                         else "the model's bf16 was never gated")
             return "f32"
         return "bf16" if "BF16" in capabilities else "f32"

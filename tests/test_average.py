@@ -11,9 +11,9 @@ import pytest
 
 from service.model import ModelLoadError, SegmentationModel
 from tests.conftest import tiny_config
-from training.average import average, main, stored_weights
+from training.average import average, main, mean_weights
 from training.config import TrainConfig
-from training.export import export_model, update_metadata
+from training.export import export_model, stored_weights, update_metadata
 from training.model import build_unet
 
 
@@ -35,18 +35,20 @@ def test_the_average_holds_the_mean_of_every_weight(tile_model_dir: Path, tmp_pa
     for mean, a, b in zip(stored_weights(soup), stored_weights(tile_model_dir), stored_weights(other)):
         np.testing.assert_allclose(mean, (a + b) / 2, atol=1e-6)
     batch = np.random.default_rng(1).integers(0, 255, (1, 64, 64, 3), dtype=np.uint8)
-    probabilities = SegmentationModel.load(soup).predict(batch)  # the served contract: probabilities per pixel
-    assert probabilities.shape == SegmentationModel.load(tile_model_dir).predict(batch).shape
-    np.testing.assert_allclose(probabilities[..., :3].sum(-1), 1.0, atol=1e-4)
+    assert SegmentationModel.load(soup).predict(batch).shape == SegmentationModel.load(tile_model_dir).predict(batch).shape
 
 
 def test_no_precision_verdict_carries_over_to_the_new_network(tile_model_dir: Path, tmp_path: Path):
     first = tmp_path / "first"
     perturbed_copy(tile_model_dir, first, seed=2)
     update_metadata(first, {"runtime": {"parity": {"bf16": {"passed": True}}}})
+    update_metadata(first, {"precision": "int8", "openvino": {"int8": "openvino/int8.xml"},
+                            "init": {"model": "somewhere"}})
     soup = average([first, tile_model_dir], tmp_path / "soup")
     metadata = json.loads((soup / "metadata.json").read_text())
     assert "runtime" not in metadata  # auto serves f32 until training.parity gates this network
+    for key in ("precision", "openvino", "init", "training", "validation_metrics"):  # they describe the first alone
+        assert key not in metadata, key
     assert [m["model"] for m in metadata["averaged_from"]] == [str(first), str(tile_model_dir)]
     assert metadata["training_config"] == json.loads((first / "metadata.json").read_text())["training_config"]
 
@@ -63,3 +65,33 @@ def test_models_of_another_architecture_are_refused_and_nothing_is_written(tile_
         main(["--model", str(tile_model_dir), "--model", str(tmp_path), "--out", str(tmp_path / "soup")])
     with pytest.raises(SystemExit, match="at least two"):
         main(["--model", str(tile_model_dir), "--out", str(tmp_path / "soup")])
+
+
+def test_the_average_carries_every_input_s_sources_and_licences(tile_model_dir: Path, tmp_path: Path):
+    other = perturbed_copy(tile_model_dir, tmp_path / "other", seed=4)
+    data = json.loads((other / "metadata.json").read_text())["data"]
+    extra = {"name": "monuseg/train", "path": "x", "layout": "pairs", "licence": "CC BY-NC-SA 4.0", "images": 13,
+             "fingerprint": "f00"}
+    update_metadata(other, {"data": {**data, "sources": data["sources"] + [extra]}})
+    merged = json.loads((average([tile_model_dir, other], tmp_path / "soup") / "metadata.json").read_text())["data"]
+    assert "CC BY-NC-SA 4.0" in merged["licences"]  # a non-commercial input makes the average non-commercial
+    assert [s["name"] for s in merged["sources"]] == [s["name"] for s in data["sources"]] + ["monuseg/train"]
+
+
+def test_another_input_handling_or_split_is_refused_though_the_shapes_agree(tile_model_dir: Path, tmp_path: Path):
+    other = perturbed_copy(tile_model_dir, tmp_path / "other", seed=5)
+    metadata = json.loads((other / "metadata.json").read_text())
+    update_metadata(other, {"training_config": {**metadata["training_config"], "canonical_diameter": 31.0}})
+    with pytest.raises(ModelLoadError, match="canonical_diameter"):
+        average([tile_model_dir, other], tmp_path / "soup")
+    update_metadata(other, {"training_config": metadata["training_config"],
+                            "split": {**metadata["split"], "validation_ids": metadata["split"]["validation_ids"][1:]}})
+    with pytest.raises(ModelLoadError, match="another split"):
+        average([tile_model_dir, other], tmp_path / "soup")
+    assert not (tmp_path / "soup").exists()
+
+
+def test_weights_of_another_count_are_refused():
+    with pytest.raises(ModelLoadError, match="2 weights against 1"):
+        mean_weights([[np.zeros(3)], [np.zeros(3), np.zeros(2)]], ["a", "b"])
+    np.testing.assert_array_equal(mean_weights([[np.zeros(3)], [np.full(3, 2.0)]], ["a", "b"])[0], np.ones(3))

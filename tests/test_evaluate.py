@@ -171,6 +171,8 @@ def test_report_compares_models_on_validation_and_the_external_test_set(tile_run
     report = write_report(run, reference, dataset_dir, out, evaluations, test, tmp_path / "sweep.json",
                           tmp_path / "commands.txt").read_text()
     assert "share them" in report
+    with pytest.raises(ValueError, match="give --evaluations"):  # a bare model folder holds no scores of its own
+        write_report(run, reference, dataset_dir, out)
     table = [line for line in report.splitlines() if line.startswith("| shipped")][0]
     assert f"{val['dsb_score']:.3f}" in table and f"{tested['aji']:.3f}" in table
     assert [line for line in report.splitlines() if line.startswith("| previous")][0].count("| - ") >= 2

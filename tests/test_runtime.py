@@ -52,7 +52,7 @@ def test_precision_auto_says_why_a_bf16_cpu_serves_f32(caplog: pytest.LogCapture
     """A model shipped from a host without bf16 carries no bf16 verdict: the log names the gate to run."""
     with caplog.at_level("WARNING", logger="nuclei_seg"):
         resolve_precision("auto", ["FP32", "BF16"], {})
-    assert "never gated" in caplog.text and "training.parity --precision bf16 --record" in caplog.text
+    assert "never gated" in caplog.text and "--precision bf16 --record" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="nuclei_seg"):
         resolve_precision("auto", ["FP32", "BF16"], {"runtime": {"parity": {"bf16": {"passed": False}}}})

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from service.model import METADATA_FILE, SUPPORTED_FORMAT
@@ -59,16 +60,24 @@ def load_serving_weights(model: keras.Model, model_dir: Path) -> None:
     """
     from service.model import ModelLoadError
 
-    try:
-        stored = list(tf.saved_model.load(str(model_dir)).weights)
-    except (OSError, ValueError, AttributeError) as error:
-        raise ModelLoadError(f"cannot read weights from {model_dir}: {error}") from None
+    stored = stored_weights(model_dir)
     if len(stored) != len(model.weights) or any(
             tuple(s.shape) != tuple(w.shape) for s, w in zip(stored, model.weights)):
         raise ModelLoadError(f"{model_dir} holds {len(stored)} weights that do not match this network's "
                              f"{len(model.weights)}: it was trained with another architecture")
     for weight, value in zip(model.weights, stored):
         weight.assign(tf.cast(value, weight.dtype))
+
+
+def stored_weights(model_dir: Path) -> list[np.ndarray]:
+    """An exported model's weights as arrays, in the order of the Keras model's ``weights``
+    (``ServingModule`` tracks them as one list)."""
+    from service.model import ModelLoadError
+
+    try:
+        return [w.numpy() for w in tf.saved_model.load(str(model_dir)).weights]
+    except (OSError, ValueError, AttributeError) as error:
+        raise ModelLoadError(f"cannot read weights from {model_dir}: {error}") from None
 
 
 def git_commit() -> str | None:

@@ -16,13 +16,14 @@ import argparse
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from service.encode import overlay_png
-from service.model import SegmentationModel
+from service.model import METADATA_FILE, SegmentationModel
 from service.pipeline import SegmentOptions, segment
 from service.postprocess import RAY_GRID, PostprocessParams
 from training.config import TrainConfig
@@ -44,8 +45,8 @@ def load_run(run: Path) -> dict:
 def model_metadata(folder: Path) -> dict:
     """The metadata of a run's model, or of an exported model folder itself (a reference taken from
     the repository's history, e.g. ``git archive``, has no run folder around it)."""
-    own = folder / "metadata.json"
-    return json.loads((own if own.is_file() else folder / "model" / "metadata.json").read_text())
+    own = folder / METADATA_FILE
+    return json.loads((own if own.is_file() else folder / "model" / METADATA_FILE).read_text())
 
 
 def overlay_figure(model_dir: Path, data_dir: Path, ids: list[str], path: Path) -> list[str]:
@@ -168,6 +169,9 @@ def read_evaluations(folder: Path | None, best_run: Path, reference_run: Path) -
     """``{model: {set: summary}}`` from ``folder/MODEL/SET/summary.json``; without a folder, each run's
     own ``evaluation/`` as its validation score (a run scored on one data set)."""
     if folder is None:
+        if not (reference_run / "evaluation" / "summary.json").is_file():
+            raise ValueError(f"{reference_run} has no evaluation/summary.json (a bare model folder): "
+                             "give --evaluations with its scores")
         return {"reference": {"dsb_val": load_run(reference_run)["summary"]},
                 "shipped": {"dsb_val": load_run(best_run)["summary"]}}
     found: dict[str, dict[str, dict]] = {}
@@ -383,7 +387,7 @@ Worst validation images (truth green, prediction magenta):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--best", type=Path, required=True, help="run folder of the shipped model")
-    parser.add_argument("--reference", type=Path, required=True, help="run folder of the reference model, or the model folder itself")
+    parser.add_argument("--reference", type=Path, required=True, help="run folder of the reference model, or the model folder itself (then with --evaluations)")
     parser.add_argument("--data", type=Path, action="append", required=True,
                         help="the training data; the first (DSB2018) gives the validation overlays")
     parser.add_argument("--out", type=Path, required=True, help="the shipped model folder (models/default)")
@@ -394,8 +398,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", type=Path, help="training.scale_sweep's JSON")
     parser.add_argument("--commands", type=Path, help="text file of the commands that produced the numbers")
     args = parser.parse_args(argv)
-    print(write_report(args.best, args.reference, args.data, args.out, args.evaluations, args.test, args.sweep,
-                       args.commands))
+    try:
+        print(write_report(args.best, args.reference, args.data, args.out, args.evaluations, args.test, args.sweep,
+                           args.commands))
+    except ValueError as error:  # a bare reference model folder without the scores the table needs
+        sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":

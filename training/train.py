@@ -234,10 +234,14 @@ def data_record(dataset: NucleiDataset) -> dict:
     or a hash over all of them.
     """
     counts = {s.name: sum(x.source == s.name for x in dataset.samples) for s in dataset.sources}
-    sources = [s.record(counts[s.name]) for s in dataset.sources]
+    return sources_record([s.record(counts[s.name]) for s in dataset.sources])
+
+
+def sources_record(sources: list[dict]) -> dict:
+    """The ``data`` record of these source records (``Source.record``): totals, licences, a fingerprint."""
     combined = sources[0]["fingerprint"] if len(sources) == 1 else hashlib.sha256(
         "".join(f"{s['name']}:{s['fingerprint']}" for s in sources).encode()).hexdigest()[:16]
-    return {"images": len(dataset), "fingerprint": combined, "sources": sources,
+    return {"images": sum(s["images"] for s in sources), "fingerprint": combined, "sources": sources,
             "licences": sorted({s["licence"] for s in sources}),
             **({"path": sources[0]["path"]} if len(sources) == 1 else {})}
 
