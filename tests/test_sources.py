@@ -122,6 +122,9 @@ def test_two_sources_train_record_licences_and_fine_tune_from_the_export(dataset
     tuned_meta = json.loads((tuned / "model" / "metadata.json").read_text())
     assert tuned_meta["init"]["model"] == str(run / "model")
     assert tuned_meta["init"]["training"] == meta["training"]  # the start model's own fit stays on record
+    # it learnt from its start's sources too (kaggle + pairs), not only from this fit's (pairs): their licences count
+    assert [s["name"] for s in tuned_meta["data"]["sources"]] == [s["name"] for s in meta["data"]["sources"]][::-1]
+    assert tuned_meta["data"]["licences"] == meta["data"]["licences"]
     assert tuned_meta["classes"] == meta["classes"] and tuned_meta["input"] == meta["input"]  # the same contract
     assert SegmentationModel.load(tuned / "model").predict(batch).shape == served.shape
 

@@ -25,7 +25,7 @@ from service.model import METADATA_FILE, ModelLoadError
 from training.config import TrainConfig
 from training.export import export_model, git_commit, stored_weights
 from training.model import build_unet, precision
-from training.train import init_record, sources_record
+from training.train import init_record, merged_data
 
 #: The recipe's fields that decide the network's layers or what it is fed: models that differ in
 #: any of them are not one architecture, even where their weights happen to have the same shapes.
@@ -68,15 +68,6 @@ def mean_weights(models: list[list[np.ndarray]], names: list[str]) -> list[np.nd
     return [np.mean(np.stack(group), axis=0).astype(group[0].dtype) for group in zip(*models)]
 
 
-def merged_data(metadata: list[dict]) -> dict:
-    """Every input's training sources, each once, so the average's licences are all of theirs."""
-    unique: dict[tuple, dict] = {}
-    for record in metadata:
-        for source in record.get("data", {}).get("sources", []):
-            unique.setdefault((source["name"], source["fingerprint"]), source)
-    return sources_record(list(unique.values())) if unique else metadata[0].get("data", {})
-
-
 def average(model_dirs: list[Path], out: Path) -> Path:
     """Export the mean of ``model_dirs`` to ``out`` (atomically); the first model gives the recipe."""
     if len(model_dirs) < 2:
@@ -93,7 +84,7 @@ def average(model_dirs: list[Path], out: Path) -> Path:
         raise ModelLoadError(f"{model_dirs[0]}'s weights do not fit the network its recipe builds")
     network.set_weights(weights)
     record = {k: v for k, v in metadata[0].items() if k not in NOT_INHERITED}
-    record.update(git_commit=git_commit(), data=merged_data(metadata),
+    record.update(git_commit=git_commit(), data=merged_data([m.get("data", {}) for m in metadata]),
                   averaged_from=[init_record(d) for d in model_dirs])
     return export_model(network, out, record, fixed_size=config.image_size if config.inference == "resize" else None,
                         softmax_channels=config.num_classes, sigmoid_channels=int(config.distance_output))

@@ -204,7 +204,7 @@ def train(config: TrainConfig, data: list[Path | str | Source], run_dir: Path, e
     metadata = build_metadata(
         config.to_dict(), classes=output_names(config), inference=inference, postprocess=postprocess,
         extra={"split": split_record(config, train_ids, val_ids),
-               "data": data_record(dataset),
+               "data": merged_data([data_record(dataset)] + ([init_record(init)["data"]] if init is not None else [])),
                **({"init": init_record(init)} if init is not None else {}),
                "validation_metrics": {k: v for k, v in metrics["final"].items() if k.startswith("val_")},
                "training": {k: metrics[k] for k in ("epochs", "steps_per_epoch", "fit_seconds",
@@ -244,6 +244,17 @@ def sources_record(sources: list[dict]) -> dict:
     return {"images": sum(s["images"] for s in sources), "fingerprint": combined, "sources": sources,
             "licences": sorted({s["licence"] for s in sources}),
             **({"path": sources[0]["path"]} if len(sources) == 1 else {})}
+
+
+def merged_data(records: list[dict]) -> dict:
+    """One ``data`` record of several models' (each source once): a fine-tuned model's, or an average's,
+    names every source its weights learnt from, so its licences include theirs (a start model trained on
+    non-commercial data makes its fine-tuned copies non-commercial too)."""
+    unique: dict[tuple, dict] = {}
+    for record in records:
+        for source in record.get("sources", []):
+            unique.setdefault((source["name"], source["fingerprint"]), source)
+    return sources_record(list(unique.values())) if unique else records[0]
 
 
 def init_record(init: Path) -> dict:
