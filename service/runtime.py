@@ -125,8 +125,13 @@ def load_network(model_dir: Path, metadata: dict[str, Any], options: RuntimeOpti
 
 def verified_precisions(metadata: dict[str, Any]) -> list[str]:
     """Precisions whose scores stayed within the parity gate of TensorFlow f32 (``training.parity --record``)."""
-    parity = (metadata.get("runtime") or {}).get("parity") or {}
-    return [name for name, result in parity.items() if isinstance(result, dict) and result.get("passed")]
+    return [name for name, result in parity_verdicts(metadata).items()
+            if isinstance(result, dict) and result.get("passed")]
+
+
+def parity_verdicts(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The parity gate's verdict per precision, as ``training.parity --record`` stored them (none: ``{}``)."""
+    return (metadata.get("runtime") or {}).get("parity") or {}
 
 
 class OpenVINONetwork:
@@ -201,10 +206,10 @@ def resolve_precision(precision: str, capabilities: list[str], metadata: dict[st
         if metadata.get("precision") == "int8" and "int8" in verified:  # a quantized copy (training.quantize)
             return "int8"
         if "BF16" in capabilities and "bf16" not in verified:  # say why a bf16 CPU runs f32, and the way out
-            parity = ((metadata.get("runtime") or {}).get("parity") or {}).get("bf16")
+            parity = parity_verdicts(metadata).get("bf16")
             log.warning("precision auto: f32, not bf16: %s (python -m training.parity --model MODEL --data DATA "
-                        "--precision bf16 --record gates it on this CPU)", "the model failed the bf16 parity gate" if parity
-                        else "the model's bf16 was never gated")
+                        "--precision bf16 --record gates it on this CPU)",
+                        "the model failed the bf16 parity gate" if parity else "the model's bf16 was never gated")
             return "f32"
         return "bf16" if "BF16" in capabilities else "f32"
     if precision == "bf16" and "BF16" not in capabilities:

@@ -23,9 +23,9 @@ import numpy as np
 
 from service.model import METADATA_FILE, ModelLoadError
 from training.config import TrainConfig
-from training.export import export_model, git_commit, stored_weights
-from training.model import build_unet, precision
-from training.train import init_record, merged_data
+from training.export import git_commit, stored_weights
+from training.model import float32_network
+from training.train import export_network, init_record, merged_data
 
 #: The recipe's fields that decide the network's layers or what it is fed: models that differ in
 #: any of them are not one architecture, even where their weights happen to have the same shapes.
@@ -77,17 +77,14 @@ def average(model_dirs: list[Path], out: Path) -> Path:
     check_compatible(metadata, names)
     config = TrainConfig.from_dict(metadata[0]["training_config"])
     weights = mean_weights([stored_weights(d) for d in model_dirs], names)
-    with precision("float32"):
-        network = build_unet(config.override(encoder_weights="none"),
-                             fixed_size=True if config.inference == "resize" else None)
-    if len(network.weights) != len(weights):
-        raise ModelLoadError(f"{model_dirs[0]}'s weights do not fit the network its recipe builds")
-    network.set_weights(weights)
+    try:
+        network = float32_network(config, weights)
+    except ValueError:  # Keras' set_weights: another count or shape than the recipe's network has
+        raise ModelLoadError(f"{model_dirs[0]}'s weights do not fit the network its recipe builds") from None
     record = {k: v for k, v in metadata[0].items() if k not in NOT_INHERITED}
     record.update(git_commit=git_commit(), data=merged_data([m.get("data", {}) for m in metadata]),
                   averaged_from=[init_record(d) for d in model_dirs])
-    return export_model(network, out, record, fixed_size=config.image_size if config.inference == "resize" else None,
-                        softmax_channels=config.num_classes, sigmoid_channels=int(config.distance_output))
+    return export_network(network, config, out, record)
 
 
 def main(argv: list[str] | None = None) -> None:

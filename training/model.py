@@ -172,10 +172,15 @@ def float32_copy(model: keras.Model, config: TrainConfig, fixed_size: bool | Non
     Models trained in ``mixed_bfloat16`` compute in bfloat16, which CPUs without native bf16
     support emulate slowly; serving always gets this float32 twin (the weights are float32 anyway).
     """
+    return float32_network(config, model.get_weights(), fixed_size)
+
+
+def float32_network(config: TrainConfig, weights: list, fixed_size: bool | None = None) -> keras.Model:
+    """The network of ``config``, computing in float32, holding ``weights`` (in ``model.weights`` order)."""
     with precision("float32"):
-        twin = build_unet(replace(config, encoder_weights="none"), fixed_size)
-    twin.set_weights(model.get_weights())
-    return twin
+        network = build_unet(replace(config, encoder_weights="none"), fixed_size)
+    network.set_weights(weights)
+    return network
 
 
 def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:

@@ -387,7 +387,8 @@ Worst validation images (truth green, prediction magenta):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--best", type=Path, required=True, help="run folder of the shipped model")
-    parser.add_argument("--reference", type=Path, required=True, help="run folder of the reference model, or the model folder itself (then with --evaluations)")
+    parser.add_argument("--reference", type=Path, required=True,
+                        help="run folder of the reference model, or the model folder itself (then with --evaluations)")
     parser.add_argument("--data", type=Path, action="append", required=True,
                         help="the training data; the first (DSB2018) gives the validation overlays")
     parser.add_argument("--out", type=Path, required=True, help="the shipped model folder (models/default)")

@@ -167,9 +167,8 @@ def train(config: TrainConfig, data: list[Path | str | Source], run_dir: Path, e
     val_set = prepare(dataset.subset(val_ids), config, groups)
     train_ds, val_ds, steps = make_datasets(train_set, val_set, config)
 
-    fixed_size = True if config.inference == "resize" else None
     with precision(config.precision):
-        model = build_unet(config, fixed_size=fixed_size)
+        model = build_unet(config)  # fixed input in resize mode, any size in tile mode
     if init is not None:
         load_serving_weights(model, init)
         print(f"weights: from {init}")
@@ -201,19 +200,18 @@ def train(config: TrainConfig, data: list[Path | str | Source], run_dir: Path, e
     inference = {"mode": config.inference, "normalise": config.normalise,
                  "canonical_diameter": config.canonical_diameter, "tile_overlap": 32}
     postprocess = {"foreground_threshold": 0.5, "seed_threshold": 0.5, "min_size": config.min_size}
+    start = init_record(init) if init is not None else None
     metadata = build_metadata(
         config.to_dict(), classes=output_names(config), inference=inference, postprocess=postprocess,
         extra={"split": split_record(config, train_ids, val_ids),
-               "data": merged_data([data_record(dataset)] + ([init_record(init)["data"]] if init is not None else [])),
-               **({"init": init_record(init)} if init is not None else {}),
+               "data": merged_data([data_record(dataset)] + ([start["data"]] if start else [])),
+               **({"init": start} if start else {}),
                "validation_metrics": {k: v for k, v in metrics["final"].items() if k.startswith("val_")},
                "training": {k: metrics[k] for k in ("epochs", "steps_per_epoch", "fit_seconds",
                                                     "train_images_per_second", "parameters")}},
     )
-    served = model if config.precision == "float32" else float32_copy(model, config, fixed_size)
-    model_dir = export_model(served, run_dir / "model", metadata,
-                             fixed_size=config.image_size if config.inference == "resize" else None,
-                             softmax_channels=config.num_classes, sigmoid_channels=int(config.distance_output))
+    served = model if config.precision == "float32" else float32_copy(model, config)
+    model_dir = export_network(served, config, run_dir / "model", metadata)
     metrics["total_seconds"] = round(time.time() - started, 1)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"exported {model_dir}; fit {fit_seconds:.0f} s, "
@@ -225,6 +223,13 @@ def train(config: TrainConfig, data: list[Path | str | Source], run_dir: Path, e
             tune_thresholds(model_dir, dataset.sources)
         evaluate_model(model_dir, dataset.sources, run_dir / "evaluation")
     return metrics
+
+
+def export_network(network: keras.Model, config: TrainConfig, out: Path, metadata: dict) -> Path:
+    """Export ``network`` of ``config`` for serving: a fixed input in resize mode, the class
+    channels as softmax and the distance output (where it has one) as sigmoid."""
+    return export_model(network, out, metadata, fixed_size=config.image_size if config.inference == "resize" else None,
+                        softmax_channels=config.num_classes, sigmoid_channels=int(config.distance_output))
 
 
 def data_record(dataset: NucleiDataset) -> dict:
